@@ -1,0 +1,147 @@
+"""The `smoe` command line: parses arguments and calls into the package, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _sampling(args):
+    from smoe.generation import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, stop=args.stop or [])
+
+
+def _add_sampling(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="new tokens at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: as stored)")
+
+
+def _load(args):
+    from smoe import Transformer, load_tokenizer
+    return Transformer.from_pretrained(args.model, dtype=args.dtype), load_tokenizer(args.model)
+
+
+def cmd_info(args) -> None:
+    from smoe.model.config import describe, get_preset
+    if args.preset:
+        cfg = get_preset(args.preset)
+    else:
+        from pathlib import Path
+
+        from smoe.checkpoint import read_config
+        cfg = read_config(Path(args.model))[0]
+    print(describe(cfg))
+
+
+def cmd_init(args) -> None:
+    from smoe.checkpoint import init_random
+    from smoe.model.config import get_preset
+    cfg = get_preset(args.preset)
+    if args.max_seq_len:
+        cfg = cfg.replace(max_seq_len=args.max_seq_len)
+    model = init_random(cfg, args.out, tokenizer=args.tokenizer, seed=args.seed, dtype=args.dtype)
+    total, active = cfg.num_params()
+    print(f"wrote a random {args.preset} model ({total / 1e6:.1f}M params, {active / 1e6:.1f}M active, "
+          f"{model.dtype}) to {args.out}")
+
+
+def cmd_generate(args) -> None:
+    from smoe.generation import stream
+    model, tok = _load(args)
+    if args.backend:
+        model.set_moe_backend(args.backend)
+    sys.stdout.write(args.prompt)
+    for ev in stream(model, args.prompt, _sampling(args), tok):
+        sys.stdout.write(ev.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args) -> None:
+    from smoe.generation.chat import chat_loop
+    model, tok = _load(args)
+    if sys.stdin.isatty():
+        print(f"chatting with {args.model}: /reset clears the conversation, /exit or Ctrl-D ends")
+    chat_loop(model, tok, _sampling(args), system=args.system)
+
+
+def cmd_convert(args) -> None:
+    from smoe.checkpoint import convert
+    model = convert(args.src, args.dst, format=args.format, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    print(f"wrote {args.dst} ({args.format} layout, {model.dtype})")
+
+
+def cmd_quickstart(args) -> None:
+    from smoe.quickstart import quickstart
+    quickstart(out=args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smoe", description="Sparse Mixture-of-Experts language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="config, total/active parameters and memory of a model or preset")
+    p.add_argument("model", nargs="?", help="checkpoint directory")
+    p.add_argument("--preset", help="a named preset instead of a checkpoint")
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("init", help="create a random-weight model (HF layout) with a tokenizer")
+    p.add_argument("out")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--tokenizer", default=None, help="tokenizer name or file (default: the Mistral one "
+                   "matching the vocab)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.set_defaults(fn=cmd_init)
+
+    p = sub.add_parser("generate", help="generate from a prompt, streaming to stdout")
+    p.add_argument("model")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--backend", default=None, help="MoE backend: naive | grouped | triton")
+    _add_sampling(p)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat in the model's chat format")
+    p.add_argument("model")
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_sampling(p, max_tokens=512)
+    p.set_defaults(fn=cmd_chat)
+
+    p = sub.add_parser("convert", help="convert a checkpoint between the HF and consolidated layouts")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--format", choices=["hf", "consolidated"], required=True)
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--max-shard-size", default="5GB")
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("quickstart", help="the main job: make a small model and generate from it")
+    p.add_argument("--out", default="runs/quickstart")
+    p.set_defaults(fn=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "info" and not (args.model or args.preset):
+        parser.error("info needs a checkpoint directory or --preset NAME")
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: say what, no traceback
+        print(f"smoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Attention over positions and caches, kept outside the layer math.
+
+A model forward is handed one `Attend` object: a callable (layer, q, k, v) -> out that knows the
+positions, the mask and any KV cache of this step. q is (B, H, T, hd), k and v (B, Hkv, T, hd).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class Attend(Protocol):
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+         causal: bool = False) -> torch.Tensor:
+    """Scaled dot-product attention with grouped-query K/V heads."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+class SelfAttention:
+    """Causal attention among the T tokens of this step (training, scoring, prefill without cache).
+
+    positions (B, T): token positions (for the sliding window); valid (B, T): False for padding;
+    segments (B, T): ids of packed sequences, which never attend to each other.
+    """
+
+    def __init__(self, positions: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                 window: int | None = None, segments: torch.Tensor | None = None):
+        self.positions, self.valid, self.window, self.segments = positions, valid, window, segments
+        self._mask: torch.Tensor | None = None
+
+    def mask(self, T: int, device: torch.device) -> torch.Tensor:
+        """Boolean (B or 1, 1, T, T) mask: True where query i may attend key j."""
+        idx = torch.arange(T, device=device)
+        m = (idx[None, :] <= idx[:, None])[None]  # (1, T, T)
+        if self.window is not None:
+            pos = self.positions if self.positions is not None else idx[None]
+            m = m & (pos[:, :, None] - pos[:, None, :] < self.window)
+        if self.segments is not None:
+            m = m & (self.segments[:, :, None] == self.segments[:, None, :])
+        if self.valid is not None:
+            # padding keys are never seen; a padding query sees itself so no row is empty
+            m = (m & self.valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device)
+        return m[:, None]
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.window is None and self.valid is None and self.segments is None:
+            return sdpa(q, k, v, causal=True)
+        if self._mask is None:
+            self._mask = self.mask(q.shape[2], q.device)
+        return sdpa(q, k, v, self._mask)
+
+
+class KVCache:
+    """Static K/V buffers for B sequences decoded in lock-step (left-padded), one column per step.
+
+    With a sliding window W the buffer is a rolling one of W slots (Mistral's semantics: column c
+    lives in slot c % W); otherwise it holds max_len columns. slot_pos keeps the position stored in
+    each slot (-1: empty or padding), from which every step's mask is derived.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, max_len: int,
+                 window: int | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        self.window = window
+        self.size = min(max_len, window) if window else max_len
+        shape = (n_layers, batch_size, n_kv_heads, self.size, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.slot_pos = torch.full((batch_size, self.size), -1, dtype=torch.long, device=device)
+        self.length = 0  # columns appended so far
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_len: int) -> KVCache:
+        cfg = model.config
+        return cls(cfg.n_layers, batch_size, cfg.n_kv_heads, cfg.head_dim, max_len, cfg.sliding_window,
+                   model.dtype, model.device)
+
+    def step(self, positions: torch.Tensor, valid: torch.Tensor | None = None) -> Attend:
+        """The attention for appending T columns at positions (B, T); valid (B, T) marks real tokens."""
+        B, T = positions.shape
+        c0, S = self.length, self.size
+        if self.window is None and c0 + T > S:
+            raise ValueError(f"KV cache holds {S} tokens; {c0} used, {T} more asked for")
+        device = positions.device
+        cols = torch.arange(c0, c0 + T, device=device)
+        new_pos = positions if valid is None else positions.masked_fill(~valid, -1)
+        q_pos = positions[:, :, None]  # (B, T, 1)
+        self.length += T
+        if c0 + T <= S or T == 1:
+            # write first, then attend over the filled part of the buffer
+            slots = cols % S
+            self.slot_pos[:, slots] = new_pos
+            n = min(c0 + T, S)
+            k_pos = self.slot_pos[:, None, :n]  # (B, 1, n)
+            m = (k_pos >= 0) & (k_pos <= q_pos)
+            if self.window is not None:
+                m = m & (q_pos - k_pos < self.window)
+            m = m | (slots[:, None] == torch.arange(n, device=device))[None]
+            return _WriteThenAttend(self, slots, n, m[:, None])
+        # a chunk that wraps the rolling buffer: attend over [old slots | new keys], keep the last S
+        keep = min(T, S)
+        k_pos = torch.cat([self.slot_pos, new_pos], dim=1)[:, None, :]  # (B, 1, S+T)
+        order_ok = torch.cat([torch.ones(T, S, dtype=torch.bool, device=device),
+                              torch.ones(T, T, dtype=torch.bool, device=device).tril()], dim=1)
+        own = torch.cat([torch.zeros(T, S, dtype=torch.bool, device=device),
+                         torch.eye(T, dtype=torch.bool, device=device)], dim=1)
+        m = (order_ok & (k_pos >= 0) & (q_pos - k_pos < self.window)) | own
+        slots = cols[T - keep:] % S
+        self.slot_pos[:, slots] = new_pos[:, T - keep:]
+        return _AttendThenWrite(self, slots, T - keep, m[:, None])
+
+
+class _WriteThenAttend:
+    def __init__(self, cache: KVCache, slots: torch.Tensor, n: int, mask: torch.Tensor):
+        self.cache, self.slots, self.n, self.mask = cache, slots, n, mask
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ck, cv = self.cache.k[layer], self.cache.v[layer]  # (B, Hkv, S, hd)
+        ck.index_copy_(2, self.slots, k)
+        cv.index_copy_(2, self.slots, v)
+        return sdpa(q, ck[:, :, : self.n], cv[:, :, : self.n], self.mask)
+
+
+class _AttendThenWrite:
+    def __init__(self, cache: KVCache, slots: torch.Tensor, first_kept: int, mask: torch.Tensor):
+        self.cache, self.slots, self.first_kept, self.mask = cache, slots, first_kept, mask
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ck, cv = self.cache.k[layer], self.cache.v[layer]
+        out = sdpa(q, torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2), self.mask)
+        ck.index_copy_(2, self.slots, k[:, :, self.first_kept:])
+        cv.index_copy_(2, self.slots, v[:, :, self.first_kept:])
+        return out
