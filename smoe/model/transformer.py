@@ -9,6 +9,8 @@ masks and any KV cache, so the same layer math serves training, generation and a
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -76,6 +78,21 @@ def route(x_ND: torch.Tensor, gate_weight_ED: torch.Tensor, top_k: int
     return torch.softmax(top_logits_NK, dim=-1), experts_NK, logits_NE
 
 
+def drop_over_capacity(experts_NK: torch.Tensor, weights_NK: torch.Tensor, n_experts: int, capacity_factor: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero the weights of token-slots beyond each expert's capacity ceil(cf * N * K / E).
+
+    Slots are served first choices first, then in token order (GShard/Switch). Returns
+    (weights_NK, number of dropped token-slots as a 0-d tensor).
+    """
+    N, K = experts_NK.shape
+    capacity = math.ceil(capacity_factor * N * K / n_experts)
+    onehot_SE = F.one_hot(experts_NK.t().reshape(-1), n_experts)  # k-major: every first choice, then seconds
+    rank_S = (onehot_SE.cumsum(0) * onehot_SE).sum(-1) - 1  # place of each slot in its expert's queue
+    keep_NK = (rank_S < capacity).view(K, N).t()
+    return weights_NK * keep_NK, (~keep_NK).sum()
+
+
 class MoE(nn.Module):
     """Sparse MoE feed-forward: a bias-free router over n_experts SwiGLU experts, top_k run per token."""
 
@@ -83,6 +100,8 @@ class MoE(nn.Module):
         super().__init__()
         self.top_k = cfg.top_k
         self.backend: str | None = None  # None: the fastest for the device
+        self.capacity_factor: float | None = None  # None: dropless; else drop slots over capacity (training)
+        self.dropped: torch.Tensor | None = None  # token-slots dropped in the last forward (with a capacity)
         self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
         self.w1 = nn.Parameter(torch.empty(cfg.n_experts, cfg.hidden_dim, cfg.dim))  # (E, H, D)
         self.w2 = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim, cfg.hidden_dim))  # (E, D, H)
@@ -93,6 +112,9 @@ class MoE(nn.Module):
         B, T, D = x.shape
         x_ND = x.reshape(B * T, D)
         weights_NK, experts_NK, logits_NE = route(x_ND, self.gate.weight, top_k or self.top_k)
+        if self.capacity_factor is not None:
+            weights_NK, self.dropped = drop_over_capacity(experts_NK, weights_NK, self.gate.weight.shape[0],
+                                                          self.capacity_factor)
         backend = self.backend or default_backend(x.device)
         out_ND = moe_experts(x_ND, self.w1, self.w2, self.w3, experts_NK, weights_NK.to(x.dtype), backend)
         return out_ND.view(B, T, D), logits_NE

@@ -1,0 +1,1 @@
+"""Training sparse MoE language models: data, losses, the trainer, checkpoints, recipes, plots, export."""
