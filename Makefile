@@ -18,14 +18,14 @@ quickstart: $(STAMP)
 	$(VENV)/bin/smoe quickstart $(ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check smoe tests benchmarks
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "" $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check smoe tests benchmarks
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
