@@ -4,7 +4,7 @@ from smoe.model import PRESETS, KVCache, ModelConfig, Transformer, get_preset
 
 __version__ = "0.1.0"
 __all__ = ["ModelConfig", "PRESETS", "get_preset", "Transformer", "KVCache", "load_tokenizer", "generate",
-           "stream", "SamplingParams"]
+           "stream", "SamplingParams", "LLM"]
 
 
 def __getattr__(name: str):
@@ -15,4 +15,7 @@ def __getattr__(name: str):
     if name in ("generate", "stream", "SamplingParams"):
         import smoe.generation as g
         return getattr(g, name)
+    if name == "LLM":
+        from smoe.engine import LLM
+        return LLM
     raise AttributeError(f"module 'smoe' has no attribute {name!r}")

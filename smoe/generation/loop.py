@@ -62,6 +62,14 @@ class StopChecker:
                         break
         return self._emit(len(self.text) - hold), False
 
+    def feed(self, token: int, stop_ids: set[int], last: bool) -> tuple[str, str | None]:
+        """One sampled token: (newly visible text, finish reason "stop", "length" or None). `last`: the
+        token is the final one max_tokens allows. Shared by smoe.generate and the engine."""
+        if token in stop_ids:
+            return self.finish(), "stop"
+        text, hit = self.add(token, final=last)
+        return text, "stop" if hit else ("length" if last else None)
+
     def finish(self) -> str:
         """The text still held back when the sequence ends on a stop id."""
         if self.decoder is None:
@@ -126,12 +134,7 @@ def stream(model, prompts, params: SamplingParams | None = None, tokenizer: Toke
             if done[b]:
                 continue
             tok = int(new[b])
-            if tok in stop_ids:
-                text, finish = checkers[b].finish(), "stop"
-            else:
-                last = step == max_new - 1
-                text, hit = checkers[b].add(tok, final=last)
-                finish = "stop" if hit else ("length" if last else None)
+            text, finish = checkers[b].feed(tok, stop_ids, last=step == max_new - 1)
             done[b] = finish is not None
             yield Event(b, tok, text, finish)
         if all(done):

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_LOGPROBS = 20  # top alternatives reported per token at most
+
 
 @dataclass
 class SamplingParams:
@@ -20,6 +22,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # besides EOS
     ignore_eos: bool = False
     moe_top_k: int | None = None  # experts per token for this request (None: the model's)
+    logprobs: int | None = None  # log-probabilities of the chosen tokens and of this many top ones (None: off)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (engine only; None: off)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -38,6 +42,10 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.moe_top_k is not None and (not isinstance(self.moe_top_k, int) or self.moe_top_k < 1):
             raise ValueError(f"moe_top_k must be an integer >= 1, got {self.moe_top_k!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {n!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
 
@@ -73,6 +81,16 @@ def sample(logits_BV: torch.Tensor, params: list[SamplingParams], generators: li
         idx = torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_(max=probs.shape[-1] - 1)
         out[b] = idx[0]
     return out
+
+
+def token_logprobs(logits_BV: torch.Tensor, tokens_B: torch.Tensor, top_n: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities under the model's distribution (before temperature and filters): of each row's
+    token (B,), and the top_n ids (B, top_n) with their log-probabilities (B, top_n), float32."""
+    logp_BV = torch.log_softmax(logits_BV.float(), dim=-1)
+    chosen_B = logp_BV.gather(-1, tokens_B.to(logp_BV.device)[:, None])[:, 0]
+    top_lp_BN, top_ids_BN = torch.topk(logp_BV, min(top_n, logp_BV.shape[-1]), dim=-1)
+    return chosen_B, top_ids_BN, top_lp_BN
 
 
 def make_generator(seed: int | None) -> torch.Generator | None:
