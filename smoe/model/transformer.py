@@ -102,6 +102,7 @@ class MoE(nn.Module):
         self.backend: str | None = None  # None: the fastest for the device
         self.capacity_factor: float | None = None  # None: dropless; else drop slots over capacity (training)
         self.dropped: torch.Tensor | None = None  # token-slots dropped in the last forward (with a capacity)
+        self.adapter: nn.Module | None = None  # optional (w1, w2, w3) -> weights used instead (LoRA, smoe.train.lora)
         self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
         self.w1 = nn.Parameter(torch.empty(cfg.n_experts, cfg.hidden_dim, cfg.dim))  # (E, H, D)
         self.w2 = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim, cfg.hidden_dim))  # (E, D, H)
@@ -116,7 +117,8 @@ class MoE(nn.Module):
             weights_NK, self.dropped = drop_over_capacity(experts_NK, weights_NK, self.gate.weight.shape[0],
                                                           self.capacity_factor)
         backend = self.backend or default_backend(x.device)
-        out_ND = moe_experts(x_ND, self.w1, self.w2, self.w3, experts_NK, weights_NK.to(x.dtype), backend)
+        w1, w2, w3 = (self.w1, self.w2, self.w3) if self.adapter is None else self.adapter(self.w1, self.w2, self.w3)
+        out_ND = moe_experts(x_ND, w1, w2, w3, experts_NK, weights_NK.to(x.dtype), backend)
         return out_ND.view(B, T, D), logits_NE
 
 
