@@ -8,6 +8,7 @@ Legend: N tokens, K chosen experts per token, E experts, D model dim, H expert h
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 import torch
@@ -23,6 +24,17 @@ BACKENDS: dict[str, MoEFn] = {"naive": naive_moe, "grouped": grouped_moe}
 def register_backend(name: str, fn: MoEFn) -> None:
     """Add a backend under a name (used by optional GPU kernels)."""
     BACKENDS[name] = fn
+
+
+def _triton_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
+                experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+    """The `triton` backend (fused GPU kernels), imported on first use since Triton is optional."""
+    from smoe.kernels.triton_moe import triton_moe
+    return triton_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
+
+
+if importlib.util.find_spec("triton") is not None:
+    register_backend("triton", _triton_moe)
 
 
 def get_backend(name: str) -> MoEFn:

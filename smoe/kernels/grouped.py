@@ -1,35 +1,186 @@
-"""Dropless sorted dispatch: sort token-slots by expert, one grouped matmul per projection."""
+"""Dropless sorted dispatch on the CPU: sort token-slots by expert, one matmul per active expert.
+
+The S = N*K token-slots are sorted by expert once; x is gathered once into expert order (x_SD), each
+active expert multiplies its contiguous run of rows (written in place into one S-row buffer, so no
+concatenation), and the router-weighted outputs go back with one scatter-add. Empty experts cost
+nothing and no expert weight is ever copied, so a decode step reads only the chosen experts' weights.
+Autograd goes through a hand-written backward (the same segment matmuls, MegaBlocks-style) that
+keeps only the two S x H pre-activations.
+
+Under torch.compile (decode only: few tokens) the per-expert loop would break the graph, so a
+gather formulation is used instead: inductor fuses the indexed weight loads into the reduction
+(no weight copy either).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+# token-slots up to which the compiled (gather) formulation is used under torch.compile
+COMPILED_GATHER_MAX_SLOTS = 32
+# token-slots up to which the routing is sorted in Python rather than with tensor ops
+PYTHON_SORT_MAX_SLOTS = 64
 
-def sort_by_expert(experts_NK: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token index and slot order of the N*K token-slots sorted by expert, and tokens per expert."""
+
+def sort_by_expert(experts_NK: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Token index and slot order of the N*K token-slots sorted by expert, and tokens per expert.
+
+    Few slots (decode) are sorted in Python from one host copy, which costs less than the tensor ops.
+    """
+    S, K = experts_NK.numel(), experts_NK.shape[-1]
+    if S <= PYTHON_SORT_MAX_SLOTS:
+        flat = experts_NK.reshape(-1).tolist()
+        if flat and not 0 <= min(flat) <= max(flat) < n_experts:
+            raise ValueError(f"expert index out of range [0, {n_experts}): {min(flat)}..{max(flat)}")
+        order = sorted(range(S), key=flat.__getitem__)
+        counts = [0] * n_experts
+        for e in flat:
+            counts[e] += 1
+        dev = experts_NK.device
+        return (torch.tensor([s // K for s in order], device=dev), torch.tensor(order, device=dev), counts)
     flat_S = experts_NK.reshape(-1)
     order_S = torch.argsort(flat_S, stable=True)
-    token_S = order_S // experts_NK.shape[1]
-    counts_E = torch.bincount(flat_S, minlength=n_experts)
-    return token_S, order_S, counts_E
+    token_S = order_S // K
+    counts = torch.bincount(flat_S, minlength=n_experts).tolist()
+    if len(counts) > n_experts:
+        raise ValueError(f"expert index {len(counts) - 1} out of range for {n_experts} experts")
+    return token_S, order_S, counts
 
 
-def segment_mm(x_SI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Rows of x_SI, grouped by expert in order, times that expert's weight transposed: [S, O]."""
-    out = [x @ w_EOI[e].t() for e, x in enumerate(torch.split(x_SI, counts)) if counts[e]]
-    if not out:
-        return x_SI.new_zeros(0, w_EOI.shape[1])
-    return torch.cat(out) if len(out) > 1 else out[0]
+def segments(counts: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, first row, end row) of each non-empty expert's run of sorted rows."""
+    out, lo = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            out.append((e, lo, lo + c))
+            lo += c
+    return out
+
+
+def segment_mm(x_SI: torch.Tensor, w_EOI: torch.Tensor, segs: list[tuple[int, int, int]],
+               out_SO: torch.Tensor | None = None) -> torch.Tensor:
+    """Each run of rows of x_SI times its expert's weight transposed, written into one [S, O] buffer."""
+    if out_SO is None:
+        out_SO = x_SI.new_empty(x_SI.shape[0], w_EOI.shape[1])
+    for e, lo, hi in segs:
+        torch.mm(x_SI[lo:hi], w_EOI[e].t(), out=out_SO[lo:hi])
+    return out_SO
+
+
+def segment_mm_t(x_SI: torch.Tensor, w_EOI: torch.Tensor, segs: list[tuple[int, int, int]],
+                 out_SO: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
+    """Each run of rows of x_SI times its expert's weight (not transposed): [S, I] @ [I, O] per run."""
+    if out_SO is None:
+        out_SO = x_SI.new_empty(x_SI.shape[0], w_EOI.shape[2])
+    for e, lo, hi in segs:
+        if accumulate:
+            out_SO[lo:hi].addmm_(x_SI[lo:hi], w_EOI[e])
+        else:
+            torch.mm(x_SI[lo:hi], w_EOI[e], out=out_SO[lo:hi])
+    return out_SO
+
+
+def segment_wgrad(a_SO: torch.Tensor, b_SI: torch.Tensor, segs: list[tuple[int, int, int]], n_experts: int
+                  ) -> torch.Tensor:
+    """Per expert a[run].T @ b[run]: the gradient of a stacked weight (E, O, I); zero for empty experts."""
+    out_EOI = a_SO.new_empty(n_experts, a_SO.shape[1], b_SI.shape[1])
+    active = set()
+    for e, lo, hi in segs:
+        torch.mm(a_SO[lo:hi].t(), b_SI[lo:hi], out=out_EOI[e])
+        active.add(e)
+    for e in range(n_experts):
+        if e not in active:
+            out_EOI[e].zero_()
+    return out_EOI
+
+
+def _forward(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segs, keep: bool):
+    """The expert compute on sorted slots; returns out_ND and, if keep, (a1_SH, a3_SH) for backward."""
+    x_SD = x_ND.index_select(0, token_S)
+    a1_SH = segment_mm(x_SD, w1_EHD, segs)
+    a3_SH = segment_mm(x_SD, w3_EHD, segs)
+    if keep:
+        h_SH = F.silu(a1_SH) * a3_SH
+    else:
+        h_SH = F.silu(a1_SH, inplace=True).mul_(a3_SH)
+    h_SH.mul_(w_S[:, None])  # router weight applied before w2: (w h) W2^T = w (h W2^T)
+    y_SD = segment_mm(h_SH, w2_EDH, segs, out_SO=x_SD)  # x_SD is no longer needed: reuse its rows
+    if x_ND.shape[0] == 1:  # a single token: its K rows are all of y
+        out_ND = y_SD.sum(0, keepdim=True)
+    else:
+        out_ND = torch.zeros_like(x_ND).index_add_(0, token_S, y_SD)
+    return out_ND, ((a1_SH, a3_SH) if keep else None)
+
+
+class GroupedMoE(torch.autograd.Function):
+    """Sorted-dispatch MoE experts with a segment-matmul backward."""
+
+    @staticmethod
+    def forward(ctx, x_ND, w1_EHD, w2_EDH, w3_EHD, weights_NK, experts_NK):
+        token_S, order_S, counts = sort_by_expert(experts_NK, w1_EHD.shape[0])
+        segs = segments(counts)
+        w_S = weights_NK.reshape(-1)[order_S].to(x_ND.dtype)
+        out_ND, (a1_SH, a3_SH) = _forward(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segs, keep=True)
+        ctx.save_for_backward(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, order_S, w_S, a1_SH, a3_SH)
+        ctx.segs, ctx.weights_dtype, ctx.weights_shape = segs, weights_NK.dtype, weights_NK.shape
+        return out_ND
+
+    @staticmethod
+    def backward(ctx, g_ND):
+        x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, order_S, w_S, a1_SH, a3_SH = ctx.saved_tensors
+        segs, E = ctx.segs, w1_EHD.shape[0]
+        need_x, need_w1, need_w2, need_w3, need_weights = ctx.needs_input_grad[:5]
+        g_SD = g_ND.contiguous().index_select(0, token_S)
+        sig_SH = torch.sigmoid(a1_SH)
+        silu_SH = a1_SH * sig_SH
+        h_SH = silu_SH * a3_SH  # unweighted expert hidden
+        dh_SH = segment_mm_t(g_SD, w2_EDH, segs)  # dL/d(w h): [S, D] @ [D, H]
+        d_weights = None
+        if need_weights:
+            dw_S = (dh_SH * h_SH).sum(-1)
+            d_weights = torch.empty_like(dw_S).index_copy_(0, order_S, dw_S)
+            d_weights = d_weights.view(ctx.weights_shape).to(ctx.weights_dtype)
+        d_w2 = segment_wgrad(g_SD, h_SH.mul_(w_S[:, None]), segs, E) if need_w2 else None
+        dh_SH.mul_(w_S[:, None])  # dL/dh
+        da3_SH = dh_SH * silu_SH
+        da1_SH = dh_SH.mul_(a3_SH).mul_(sig_SH * (1 + a1_SH * (1 - sig_SH)))  # silu'(a) = s (1 + a (1 - s))
+        x_SD = x_ND.index_select(0, token_S)
+        d_w1 = segment_wgrad(da1_SH, x_SD, segs, E) if need_w1 else None
+        d_w3 = segment_wgrad(da3_SH, x_SD, segs, E) if need_w3 else None
+        d_x = None
+        if need_x:
+            dx_SD = segment_mm_t(da1_SH, w1_EHD, segs, out_SO=x_SD)
+            segment_mm_t(da3_SH, w3_EHD, segs, out_SO=dx_SD, accumulate=True)
+            d_x = torch.zeros_like(x_ND).index_add_(0, token_S, dx_SD)
+        return d_x, d_w1, d_w2, d_w3, d_weights, None
+
+
+def gathered_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
+                 experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+    """Each token-slot reads its expert's rows through indexing: a fixed-shape graph for torch.compile.
+
+    Eagerly this would copy K expert weights per token; compiled, inductor fuses the indexed loads
+    into the fp32-accumulated reductions, so it is a fused gather + matrix-vector product.
+    """
+    x_N11D = x_ND[:, None, None, :]
+    a1_NKH = (w1_EHD[experts_NK] * x_N11D).sum(-1, dtype=torch.float32)
+    a3_NKH = (w3_EHD[experts_NK] * x_N11D).sum(-1, dtype=torch.float32)
+    h_NKH = (F.silu(a1_NKH) * a3_NKH * weights_NK[..., None].float()).to(x_ND.dtype)
+    y_NKD = (w2_EDH[experts_NK] * h_NKH[:, :, None, :]).sum(-1, dtype=torch.float32)
+    return y_NKD.sum(1).to(x_ND.dtype)
 
 
 def grouped_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
                 experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
-    """Gather tokens once in expert order, run each expert's rows as one matmul, scatter-add back."""
-    token_S, order_S, counts_E = sort_by_expert(experts_NK, w1_EHD.shape[0])
-    counts = counts_E.tolist()
-    x_SD = x_ND[token_S]
-    h_SH = F.silu(segment_mm(x_SD, w1_EHD, counts)) * segment_mm(x_SD, w3_EHD, counts)
-    y_SD = segment_mm(h_SH, w2_EDH, counts)
-    w_S = weights_NK.reshape(-1)[order_S].to(y_SD.dtype)
-    return torch.zeros_like(x_ND).index_add(0, token_S, y_SD * w_S[:, None])
+    """Gather tokens once in expert order, run each active expert's rows as one matmul, scatter-add back."""
+    if x_ND.shape[0] == 0:
+        return torch.zeros_like(x_ND)
+    if torch.compiler.is_compiling() and experts_NK.numel() <= COMPILED_GATHER_MAX_SLOTS:
+        return gathered_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
+    tensors = (x_ND, w1_EHD, w2_EDH, w3_EHD, weights_NK)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return GroupedMoE.apply(x_ND, w1_EHD, w2_EDH, w3_EHD, weights_NK, experts_NK)
+    token_S, order_S, counts = sort_by_expert(experts_NK, w1_EHD.shape[0])
+    w_S = weights_NK.reshape(-1)[order_S].to(x_ND.dtype)
+    return _forward(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segments(counts), keep=False)[0]

@@ -1,0 +1,56 @@
+"""Timing helpers for benchmarks on a shared, noisy machine: interleaved rounds, medians, bandwidth."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def sync(device: torch.device | str | None = None) -> None:
+    """Wait for queued GPU work (a no-op on the CPU)."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeat: int = 7, warmup: int = 1,
+                     device: torch.device | str | None = None, min_seconds: float = 0.0) -> dict[str, list[float]]:
+    """Seconds per call of each function, run in interleaved rounds so that load from other
+    processes hits every candidate alike. Calls each function warmup times first, then repeat
+    rounds (more while the total is under min_seconds, up to 5x repeat)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < repeat or (time.perf_counter() - start < min_seconds and rounds < 5 * repeat):
+        for name, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            samples[name].append(time.perf_counter() - t)
+        rounds += 1
+    return samples
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def read_bandwidth(nbytes: int = 512 * 2**20, repeat: int = 5, device: torch.device | str = "cpu") -> float:
+    """Best observed streaming-read bandwidth in bytes/s: summing a float32 buffer far larger than cache."""
+    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    buf.sum()
+    best = float("inf")
+    for _ in range(repeat):
+        sync(device)
+        t = time.perf_counter()
+        buf.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best

@@ -1,0 +1,159 @@
+"""Cases for the Triton MoE backend against the naive loop, run in-process on a GPU, or on a CPU-only
+machine by tests/kernels/test_triton_moe.py in a child process with TRITON_INTERPRET=1 (the interpreter
+must be on before Triton is first imported, so it cannot be switched on inside a shared test process).
+Shapes are small: the interpreter runs each program in numpy.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton")
+
+from smoe.kernels import BACKENDS, default_backend, get_backend  # noqa: E402
+from smoe.kernels.naive import naive_moe  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    raise RuntimeError("run these cases on a GPU or with TRITON_INTERPRET=1 (see test_triton_moe.py)")
+
+import smoe.kernels.triton_moe as tm  # noqa: E402
+
+
+def make(N, D, H, E, K, seed=0, dtype=torch.float32, routing="random"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g)
+    w1 = torch.randn(E, H, D, generator=g) / D**0.5
+    w2 = torch.randn(E, D, H, generator=g) / H**0.5
+    w3 = torch.randn(E, H, D, generator=g) / D**0.5
+    weights = torch.softmax(torch.randn(N, K, generator=g), -1)
+    if routing == "random":
+        experts = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)]) if N else torch.zeros(0, K)
+    elif routing == "few experts":  # most experts get no token
+        experts = torch.stack([torch.randperm(K, generator=g) for _ in range(N)]) + (E - K) // 2
+    elif routing == "one expert takes every token":
+        experts = torch.stack([torch.tensor([E - 1] + list(range(K - 1))) for _ in range(N)])
+    else:
+        raise ValueError(routing)
+    ts = [t.to(DEVICE, dtype) for t in (x, w1, w2, w3)]
+    return ts + [experts.long().to(DEVICE), weights.to(DEVICE, dtype)]
+
+
+def reference64(x, w1, w2, w3, experts, weights):
+    return naive_moe(*(t.double() for t in (x, w1, w2, w3)), experts, weights.double())
+
+
+CASES = [  # (N, D, H, E, K, routing): decode layout (<= 16 slots) and sorted layout, odd sizes
+    (1, 16, 32, 4, 2, "random"),
+    (3, 24, 40, 8, 2, "random"),
+    (8, 16, 32, 8, 2, "random"),
+    (37, 16, 24, 6, 2, "random"),
+    (29, 40, 72, 8, 3, "few experts"),
+    (50, 32, 48, 4, 1, "one expert takes every token"),
+    (21, 16, 16, 5, 4, "random"),
+    (40, 17, 33, 8, 2, "few experts"),
+    (300, 40, 72, 2, 2, "random"),  # > 64 slots per expert: the large-tile configuration
+]
+
+
+@pytest.mark.parametrize("n_slots", [2, 100, 10_000])
+def test_every_tile_config(n_slots):
+    # each configuration block_config can pick, forced onto one routing (rows padded per expert)
+    x, w1, w2, w3, experts, weights = make(45, 24, 40, 6, 2, routing="few experts")
+    y = tm.fused_moe(x, w1, w2, w3, experts, weights, config=tm.block_config(n_slots, 6))
+    assert (y - naive_moe(x, w1, w2, w3, experts, weights)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("N,D,H,E,K,routing", CASES)
+def test_float32_equals_naive(N, D, H, E, K, routing):
+    x, w1, w2, w3, experts, weights = make(N, D, H, E, K, routing=routing)
+    y = tm.fused_moe(x, w1, w2, w3, experts, weights)
+    ref = naive_moe(x, w1, w2, w3, experts, weights)
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    assert (y - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("N,D,H,E,K,routing", CASES[:5])
+def test_bfloat16_no_worse_than_naive_in_bfloat16(N, D, H, E, K, routing):
+    # bf16 bound: products are exact in fp32 and accumulation is fp32, so the error is the rounding of
+    # h and of each slot's output to bf16 (2^-9 relative each); we require no more than twice the error
+    # of the naive loop run in bf16 (which rounds at the same places) plus one bf16 ulp of the output.
+    args = make(N, D, H, E, K, routing=routing, dtype=torch.bfloat16)
+    ref = reference64(*args)
+    err = (tm.fused_moe(*args).double() - ref).abs().max()
+    naive_err = (naive_moe(*args).double() - ref).abs().max()
+    assert err <= 2 * naive_err + 2**-8 * ref.abs().max()
+
+
+def test_align_blocks_covers_every_slot_once_in_single_expert_blocks():
+    g = torch.Generator().manual_seed(3)
+    for N, E, K, bm in [(40, 8, 2, 16), (33, 5, 3, 32), (100, 8, 1, 16), (9, 4, 2, 16)]:
+        experts = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
+        ids, blk, n_pad, capacity = tm.align_blocks(experts, E, bm)
+        S = N * K
+        n_pad = int(n_pad)
+        assert n_pad <= capacity == ids.numel() and n_pad % bm == 0
+        real = ids[ids < S]
+        assert sorted(real.tolist()) == list(range(S))  # every slot exactly once
+        assert (ids[n_pad:] == S).all()  # only padding past the padded row count
+        flat = experts.reshape(-1)
+        for b in range(n_pad // bm):
+            rows = ids[b * bm:(b + 1) * bm]
+            rows = rows[rows < S]
+            assert (flat[rows] == blk[b]).all()  # one expert per block
+
+
+@settings(max_examples=12, deadline=None)
+@given(N=st.integers(1, 40), D=st.sampled_from([16, 20, 32]), H=st.sampled_from([16, 24, 48]),
+       E=st.integers(2, 8), K=st.integers(1, 4), seed=st.integers(0, 2**16), skew=st.booleans())
+def test_property_any_shape_and_routing(N, D, H, E, K, seed, skew):
+    K = min(K, E)
+    g = torch.Generator().manual_seed(seed)
+    x, w1, w2, w3, _, weights = make(N, D, H, E, K, seed=seed)
+    pool = min(E, K + 1) if skew else E  # skewed: only a few experts ever chosen
+    experts = torch.stack([torch.randperm(pool, generator=g)[:K] for _ in range(N)]).to(DEVICE)
+    y = tm.fused_moe(x, w1, w2, w3, experts, weights)
+    assert (y - naive_moe(x, w1, w2, w3, experts, weights)).abs().max() <= 1e-5
+
+
+def test_backend_in_a_model_matches_grouped():
+    from tests.conftest import tiny_model
+    model = tiny_model(seed=1).to(DEVICE)
+    tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with torch.no_grad():
+        model.set_moe_backend("grouped")
+        ref = model(tokens)
+        model.set_moe_backend("triton")
+        out = model(tokens)
+    assert (out - ref).abs().max() <= 1e-4
+
+
+def test_gradients_go_through_the_grouped_path():
+    x, w1, w2, w3, experts, weights = make(13, 16, 24, 4, 2)
+    grads = []
+    for fn in (get_backend("triton"), naive_moe):
+        leaves = [t.clone().requires_grad_() for t in (x, w1, w2, w3, weights)]
+        fn(*leaves[:4], experts, leaves[4]).pow(2).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_registered_and_chosen_on_cuda_only():
+    assert "triton" in BACKENDS
+    assert default_backend(torch.device("cpu")) == "grouped"
+    assert default_backend(torch.device("cuda")) == "triton"
+
+
+def test_mixed_dtypes_are_refused_by_name():
+    x, w1, w2, w3, experts, weights = make(4, 16, 16, 4, 2)
+    with pytest.raises(ValueError, match="one dtype"):
+        tm.fused_moe(x.double(), w1, w2, w3, experts, weights)
