@@ -82,6 +82,31 @@ def cmd_quickstart(args) -> None:
     quickstart(out=args.out)
 
 
+def cmd_eval(args) -> None:
+    from smoe.eval import evaluate, suite_listing
+    from smoe.eval.suite import SuiteOptions
+
+    def csv(s):
+        return [x.strip() for x in s.split(",") if x.strip()] if s else None
+    suite = args.suite or ("mixtral" if args.benchmarks or args.categories or not args.tasks else None)
+    if args.list:
+        print(suite_listing(suite or "mixtral"))
+        return
+    if not args.model:
+        raise ValueError("eval needs a checkpoint directory (or --list)")
+    options = SuiteOptions(code_samples=args.code_samples, pass_ks=tuple(int(k) for k in csv(args.pass_k)),
+                           maj_temperature=args.maj_temperature, max_gen_toks=args.max_gen_toks)
+    model_args = {k: v for k, v in dict(dtype=args.dtype, device=args.device, batch_size=args.batch_size,
+                                        seed=args.seed).items() if v is not None}
+    _, markdown = evaluate(args.model, suite=suite, categories=csv(args.categories), benchmarks=csv(args.benchmarks),
+                           tasks=csv(args.tasks), num_fewshot=args.num_fewshot, include_path=args.include_path,
+                           limit=args.limit, data_dir=args.data_dir, out_dir=args.out, options=options,
+                           model_args=model_args)
+    print(markdown)
+    if args.out:
+        print(f"wrote {args.out}/report.md and {args.out}/report.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smoe", description="Sparse Mixture-of-Experts language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +150,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="the main job: make a small model and generate from it")
     p.add_argument("--out", default="runs/quickstart")
     p.set_defaults(fn=cmd_quickstart)
+
+    p = sub.add_parser("eval", help="the Mixtral paper's benchmarks (or any lm-eval tasks), offline, with a report")
+    p.add_argument("model", nargs="?", help="checkpoint directory")
+    p.add_argument("--suite", default=None, help="benchmark suite (default: mixtral, unless --tasks is given)")
+    p.add_argument("--categories", help="comma-separated: commonsense, world_knowledge, reading, math, code, "
+                   "aggregated, bias")
+    p.add_argument("--benchmarks", help="comma-separated benchmark keys of the suite (see --list)")
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks or groups to run besides (or instead of) the suite")
+    p.add_argument("--num-fewshot", type=int, default=None, help="shots for --tasks (default: the task's)")
+    p.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs")
+    p.add_argument("--limit", type=float, default=None, help="examples per task at most (a fraction if < 1)")
+    p.add_argument("--data-dir", default=None, help="local dataset copies, laid out as DIR/org/name")
+    p.add_argument("--out", default=None, help="folder for report.md and report.json")
+    p.add_argument("--batch-size", default=None, help="requests per batch (int or auto)")
+    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: as stored)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed of sampled generations")
+    p.add_argument("--code-samples", type=int, default=1, help="samples per code problem (1: greedy)")
+    p.add_argument("--pass-k", default="1", help="comma-separated k of pass@k (k <= --code-samples)")
+    p.add_argument("--maj-temperature", type=float, default=0.6, help="sampling temperature of maj@k")
+    p.add_argument("--max-gen-toks", type=int, default=None, help="cap on generated tokens in maj@k and code tasks")
+    p.add_argument("--list", action="store_true", help="print the suite table and exit")
+    p.set_defaults(fn=cmd_eval)
     return parser
 
 
