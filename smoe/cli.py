@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -107,6 +108,16 @@ def cmd_eval(args) -> None:
         print(f"wrote {args.out}/report.md and {args.out}/report.json")
 
 
+def cmd_serve(args) -> None:
+    from smoe.engine import EngineConfig
+    from smoe.serve import serve
+    config = EngineConfig(kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
+                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    serve(args.model, args.host, args.port, api_key=args.api_key, max_queue=args.max_queue,
+          served_model_name=args.served_model_name, dtype=args.dtype, device=args.device, backend=args.backend,
+          engine_config=config, drain_timeout=args.drain_timeout, access_log=args.access_log)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smoe", description="Sparse Mixture-of-Experts language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +184,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-gen-toks", type=int, default=None, help="cap on generated tokens in maj@k and code tasks")
     p.add_argument("--list", action="store_true", help="print the suite table and exit")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (paged KV cache, continuous batching)")
+    p.add_argument("model", help="checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("SMOE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $SMOE_API_KEY, else none)")
+    p.add_argument("--max-queue", type=int, default=None, help="requests waiting for a slot at most; more get 429")
+    p.add_argument("--served-model-name", default=None, help="model id clients send (default: the MODEL argument)")
+    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 | fp64 (default: as stored)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cpu)")
+    p.add_argument("--backend", default=None, help="MoE backend: naive | grouped | triton")
+    p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 4GiB (default: 80%% of free GPU "
+                   "memory, 2GiB on CPU)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences in the running batch at most")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (prefill chunk size)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds running requests get after SIGTERM")
+    p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.set_defaults(fn=cmd_serve)
     return parser
 
 
