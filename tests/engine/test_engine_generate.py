@@ -203,3 +203,15 @@ def test_abort_frees_blocks_at_once_and_bad_requests_fail_clearly():
         engine.add_request("text", SamplingParams())
     with pytest.raises(ValueError, match="at least one token"):
         engine.add_request([], SamplingParams())
+
+
+def test_llm_loads_a_checkpoint_directory_with_its_tokenizer(tmp_path):
+    from smoe.checkpoint import init_random
+    from smoe.model.config import get_preset
+    model = init_random(get_preset("tiny").replace(n_layers=1, max_seq_len=128), tmp_path / "m", seed=3)
+    tok = load_tokenizer(tmp_path / "m")
+    llm = LLM(tmp_path / "m")
+    prompts = ["Hello world", "A longer prompt about mixtures of experts"]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=6), use_tqdm=False)
+    assert [o.text for o in outs] == [generate(model, p, SamplingParams(max_tokens=6), tok).text for p in prompts]
+    assert all(o.text and o.finish_reason == "length" for o in outs)
