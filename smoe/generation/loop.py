@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from smoe.generation.compiled import decode_step, static_len
 from smoe.generation.sampling import SamplingParams, make_generator, sample
 from smoe.model.attention import KVCache
 from smoe.tokenizer import IncrementalDecoder, Tokenizer
@@ -96,8 +97,12 @@ def _as_ids(prompt, tokenizer: Tokenizer | None) -> list[int]:
 
 @torch.inference_mode()
 def stream(model, prompts, params: SamplingParams | None = None, tokenizer: Tokenizer | None = None,
-           **overrides) -> Iterator[Event]:
-    """Generate for one prompt or a batch (text or ids), yielding an Event per sequence per step."""
+           compile: bool = False, **overrides) -> Iterator[Event]:
+    """Generate for one prompt or a batch (text or ids), yielding an Event per sequence per step.
+
+    compile: compile the decode step (torch.compile on the CPU, a CUDA graph on CUDA; eager if that
+    fails; see smoe.generation.compiled).
+    """
     params = SamplingParams(**overrides) if params is None else dataclasses.replace(params, **overrides)
     single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
     ids = [_as_ids(p, tokenizer) for p in ([prompts] if single else prompts)]
@@ -121,7 +126,11 @@ def stream(model, prompts, params: SamplingParams | None = None, tokenizer: Toke
     tokens, valid, positions = tokens.to(device), valid.to(device), positions.to(device)
     all_valid = bool(valid.all())
 
-    cache = KVCache.for_model(model, B, T + max_new)
+    step_fn = decode_step(compile, device)
+    if compile:  # fixed shapes: a whole-buffer cache whose length is shared by prompts of similar length
+        cache = KVCache.for_model(model, B, static_len(T + max_new, cfg.max_seq_len), static=True)
+    else:
+        cache = KVCache.for_model(model, B, T + max_new)
     gens = [make_generator(None if params.seed is None else params.seed + b) for b in range(B)]
     checkers = [StopChecker(tokenizer, params.stop) for _ in range(B)]
     done = [False] * B
@@ -139,13 +148,14 @@ def stream(model, prompts, params: SamplingParams | None = None, tokenizer: Toke
             yield Event(b, tok, text, finish)
         if all(done):
             return
-        logits = model(new[:, None].to(device), next_pos, cache.step(next_pos), top_k=params.moe_top_k)[:, -1]
+        logits = step_fn(model, new[:, None].to(device), next_pos, cache.step(next_pos), params.moe_top_k)
         next_pos = next_pos + 1
 
 
 def generate(model, prompts, params: SamplingParams | None = None, tokenizer: Tokenizer | None = None,
              **overrides) -> Completion | list[Completion]:
-    """Generate for one prompt (returns a Completion) or a batch (returns a list of them)."""
+    """Generate for one prompt (returns a Completion) or a batch (returns a list of them).
+    compile=True decodes through torch.compile (see stream)."""
     single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
     n = 1 if single else len(prompts)
     out = [Completion() for _ in range(n)]

@@ -7,9 +7,9 @@ nothing and no expert weight is ever copied, so a decode step reads only the cho
 Autograd goes through a hand-written backward (the same segment matmuls, MegaBlocks-style) that
 keeps only the two S x H pre-activations.
 
-Under torch.compile (decode only: few tokens) the per-expert loop would break the graph, so a
-gather formulation is used instead: inductor fuses the indexed weight loads into the reduction
-(no weight copy either).
+Under torch.compile (decode only: few tokens) the per-expert loop would break the graph, so fixed-
+shape formulations are used instead: a gather (inductor fuses the indexed weight loads into the
+reduction, so no weight is copied) while slots are fewer than experts, else every expert once.
 """
 
 from __future__ import annotations
@@ -171,13 +171,29 @@ def gathered_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor,
     return y_NKD.sum(1).to(x_ND.dtype)
 
 
+def all_experts_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
+                    experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+    """Every token through every expert, unchosen ones weighted 0: a fixed-shape graph that reads each
+    expert's weights once, for torch.compile when a few tokens already touch (nearly) all experts."""
+    E = w1_EHD.shape[0]
+    x_END = x_ND.expand(E, *x_ND.shape)
+    h_ENH = F.silu(torch.bmm(x_END, w1_EHD.transpose(1, 2))) * torch.bmm(x_END, w3_EHD.transpose(1, 2))
+    combine_NE = torch.zeros(x_ND.shape[0], E, dtype=weights_NK.dtype, device=x_ND.device)
+    combine_NE = combine_NE.scatter_add(1, experts_NK, weights_NK)
+    h_ENH = h_ENH * combine_NE.t()[:, :, None].to(h_ENH.dtype)
+    return torch.bmm(h_ENH, w2_EDH.transpose(1, 2)).sum(0)
+
+
 def grouped_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
                 experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
     """Gather tokens once in expert order, run each active expert's rows as one matmul, scatter-add back."""
     if x_ND.shape[0] == 0:
         return torch.zeros_like(x_ND)
     if torch.compiler.is_compiling() and experts_NK.numel() <= COMPILED_GATHER_MAX_SLOTS:
-        return gathered_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
+        # fixed-shape formulations (no host sync, no graph break): per-slot gathers while the slots are
+        # fewer than the experts, else every expert once
+        fn = gathered_moe if experts_NK.numel() < w1_EHD.shape[0] else all_experts_moe
+        return fn(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
     tensors = (x_ND, w1_EHD, w2_EDH, w3_EHD, weights_NK)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return GroupedMoE.apply(x_ND, w1_EHD, w2_EDH, w3_EHD, weights_NK, experts_NK)

@@ -214,9 +214,11 @@ _state = {"checked": False, "broken": None}  # first launch on this machine: did
 
 def triton_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
                experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
-    """The `triton` backend: fused kernels for inference; the `grouped` path when gradients are needed
-    or when the kernels cannot be built on this GPU (warned once)."""
+    """The `triton` backend: fused kernels for inference; the `grouped` path when gradients are needed,
+    under torch.compile, or when the kernels cannot be built on this GPU (warned once)."""
     args = (x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
+    if torch.compiler.is_compiling():  # inside torch.compile: grouped's fixed-shape formulations
+        return grouped_moe(*args)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x_ND, w1_EHD, w2_EDH, w3_EHD, weights_NK)):
         return grouped_moe(*args)
     if x_ND.device.type != "cuda" and not INTERPRETED:

@@ -67,8 +67,9 @@ class KVCache:
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, max_len: int,
                  window: int | None = None, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, static: bool = False):
         self.window = window
+        self.static = static  # attend over the whole buffer every step (fixed shapes, for torch.compile)
         self.size = min(max_len, window) if window else max_len
         shape = (n_layers, batch_size, n_kv_heads, self.size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
@@ -77,10 +78,10 @@ class KVCache:
         self.length = 0  # columns appended so far
 
     @classmethod
-    def for_model(cls, model, batch_size: int, max_len: int) -> KVCache:
+    def for_model(cls, model, batch_size: int, max_len: int, static: bool = False) -> KVCache:
         cfg = model.config
         return cls(cfg.n_layers, batch_size, cfg.n_kv_heads, cfg.head_dim, max_len, cfg.sliding_window,
-                   model.dtype, model.device)
+                   model.dtype, model.device, static)
 
     def step(self, positions: torch.Tensor, valid: torch.Tensor | None = None) -> Attend:
         """The attention for appending T columns at positions (B, T); valid (B, T) marks real tokens."""
@@ -97,7 +98,7 @@ class KVCache:
             # write first, then attend over the filled part of the buffer
             slots = cols % S
             self.slot_pos[:, slots] = new_pos
-            n = min(c0 + T, S)
+            n = S if self.static else min(c0 + T, S)  # empty slots (position -1) are masked out
             k_pos = self.slot_pos[:, None, :n]  # (B, 1, n)
             m = (k_pos >= 0) & (k_pos <= q_pos)
             if self.window is not None:

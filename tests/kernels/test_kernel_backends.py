@@ -146,3 +146,10 @@ def test_model_training_step_matches_naive():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         assert (grads[0][name] - grads[1][name]).abs().max() <= 1e-5, name
+
+
+def test_all_experts_formulation_equals_naive():
+    for N, K in [(1, 2), (8, 2), (5, 3)]:
+        x, w1, w2, w3, experts, weights = make(N, 16, 24, 6, K, seed=N)
+        y = G.all_experts_moe(x, w1, w2, w3, experts, weights)
+        assert (y - naive_moe(x, w1, w2, w3, experts, weights)).abs().max() <= 1e-5

@@ -1,0 +1,85 @@
+"""The compiled decode step (torch.compile on the CPU, CUDA graphs on a GPU) and the static KV cache it
+needs: the same tokens as the eager loop, and a clean eager fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smoe import generate
+from smoe.generation import compiled
+from smoe.model.attention import KVCache
+from tests.conftest import tiny_model
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_static_cache_gives_the_same_logits(window):
+    model = tiny_model(seed=2, sliding_window=window)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 128, (2, 7), generator=g)
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[1, :3] = False  # left padding
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    outs = []
+    with torch.no_grad():
+        for static in (False, True):
+            cache = KVCache.for_model(model, 2, 32, static=static)
+            steps = [model(tokens, positions, cache.step(positions, valid))[:, -1]]
+            pos = positions[:, -1:] + 1
+            for t in range(9):
+                nxt = torch.tensor([[t + 3], [t + 40]])
+                steps.append(model(nxt, pos, cache.step(pos))[:, -1])
+                pos = pos + 1
+            outs.append(torch.stack(steps))
+    assert (outs[0] - outs[1]).abs().max() <= 1e-5
+
+
+def test_row_linear_mode_equals_linear():
+    x, w, b = torch.randn(1, 1, 24), torch.randn(40, 24), torch.randn(40)
+    with compiled.RowLinear():
+        y, yb, y2 = F.linear(x, w), F.linear(x, w, b), F.linear(torch.randn(3, 24), w)
+    assert (y - F.linear(x, w)).abs().max() <= 1e-5 and (yb - F.linear(x, w, b)).abs().max() <= 1e-5
+    assert y2.shape == (3, 40)
+
+
+def test_static_len_rounds_up_within_the_context():
+    assert compiled.static_len(1, 4096) == 256
+    assert compiled.static_len(257, 4096) == 512
+    assert compiled.static_len(300, 300) == 300
+
+
+@pytest.mark.timeout(300)
+def test_compiled_decode_gives_the_eager_tokens():
+    # batch 1 of a 4-expert top-2 model: the gather formulation and the single-row reductions
+    model = tiny_model(seed=5)
+    prompt = [3, 17, 42, 9, 100]
+    eager = generate(model, prompt, max_tokens=12)
+    fast = generate(model, prompt, max_tokens=12, compile=True)
+    assert fast.tokens == eager.tokens
+    assert compiled._compiled.failed is None
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    model = tiny_model(seed=6)
+    step = compiled.CompiledStep()
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    step.fn = broken
+    monkeypatch.setattr(compiled, "_compiled", step)
+    eager = generate(model, [1, 2, 3], max_tokens=5)
+    with pytest.warns(UserWarning, match="decoding eagerly"):
+        out = generate(model, [1, 2, 3], max_tokens=5, compile=True)
+    assert out.tokens == eager.tokens and step.failed.startswith("RuntimeError")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_gives_the_eager_tokens():
+    model = tiny_model(seed=7).cuda()
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]
+    eager = generate(model, prompts, max_tokens=10)
+    fast = generate(model, prompts, max_tokens=10, compile=True)
+    assert [c.tokens for c in fast] == [c.tokens for c in eager]
+    assert compiled._graphed.failed is None and compiled._graphed.graph is not None
