@@ -80,7 +80,45 @@ def cmd_convert(args) -> None:
 
 def cmd_quickstart(args) -> None:
     from smoe.quickstart import quickstart
-    quickstart(out=args.out)
+    quickstart(out=args.out, minutes=args.minutes, corpus=args.corpus, tokenizer=args.tokenizer,
+               vocab_size=args.vocab_size, seed=args.seed, max_steps=args.max_steps)
+
+
+def cmd_data_prepare(args) -> None:
+    from smoe.train.data import prepare, summary
+    meta = prepare(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                   workers=args.workers)
+    print(summary(meta))
+    print(f"wrote {args.out}")
+
+
+def cmd_tokenizer_train(args) -> None:
+    from smoe.tokenizer.bpe import train_bpe
+    from smoe.train.data import expand_inputs
+    tok = train_bpe(expand_inputs(args.inputs), args.vocab_size, args.out, min_frequency=args.min_frequency,
+                    max_bytes=int(args.max_mb * 1e6) if args.max_mb else None, seed=args.seed)
+    print(f"wrote {args.out}/tokenizer.json ({tok.vocab_size} ids: <unk> <s> </s>, 256 byte tokens, "
+          f"{tok.vocab_size - 259} learned)")
+
+
+def cmd_train(args) -> None:
+    from smoe.train.pretrain import train
+    from smoe.train.recipes import RECIPES, apply_overrides, get_recipe
+    if args.list:
+        for name in RECIPES:
+            print(f"{name:>14}: {get_recipe(name).description}")
+        return
+    overrides = list(args.overrides) + ([f"out_dir={args.out}"] if args.out else []) + (
+        [f"data={args.data}"] if args.data else [])
+    result = train(apply_overrides(get_recipe(args.recipe), overrides), resume=args.resume)
+    print(f"stopped at step {result['step']} ({result['stop_reason']}); checkpoint {result['checkpoint']}"
+          + (f"; model {result['final']}" if result["final"] else ""))
+
+
+def cmd_export(args) -> None:
+    from smoe.train.export import export
+    out = export(args.src, args.out, dtype=args.dtype)
+    print(f"wrote {out} (Hugging Face layout + tokenizer)")
 
 
 def cmd_eval(args) -> None:
@@ -158,9 +196,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB")
     p.set_defaults(fn=cmd_convert)
 
-    p = sub.add_parser("quickstart", help="the main job: make a small model and generate from it")
+    p = sub.add_parser("quickstart", help="the main job: train a small SMoE on the Python standard library (~10 "
+                       "min on 2 CPU cores) and generate from it")
     p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--minutes", type=float, default=10.0, help="time budget, everything included (default: 10)")
+    p.add_argument("--corpus", default=None, help="text files/folder/glob to train on (default: the stdlib)")
+    p.add_argument("--tokenizer", default="bpe", choices=["bpe", "mixtral"],
+                   help="a BPE trained on the corpus (default) or Mixtral's 32000-id tokenizer")
+    p.add_argument("--vocab-size", type=int, default=4096, help="ids of the trained BPE (default: 4096)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: fit the "
+                   "budget)")
     p.set_defaults(fn=cmd_quickstart)
+
+    p = sub.add_parser("data", help="training data: `smoe data prepare INPUTS... --tokenizer T --out DIR`")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("prepare", help="tokenize text files (.txt .md .py .jsonl) into memory-mapped tokens")
+    q.add_argument("inputs", nargs="+", help="files, folders and globs")
+    q.add_argument("--tokenizer", required=True, help="tokenizer directory/file, or a name such as 'mixtral'")
+    q.add_argument("--out", required=True)
+    q.add_argument("--val-fraction", type=float, default=0.05, help="documents held out for validation")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    q.set_defaults(fn=cmd_data_prepare)
+
+    p = sub.add_parser("tokenizer", help="`smoe tokenizer train INPUTS... --vocab-size N --out DIR`")
+    tok_sub = p.add_subparsers(dest="tokenizer_command", required=True)
+    q = tok_sub.add_parser("train", help="train a byte-fallback BPE tokenizer (tokenizer.json) on text files")
+    q.add_argument("inputs", nargs="+", help="files, folders and globs")
+    q.add_argument("--vocab-size", type=int, required=True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--min-frequency", type=int, default=2)
+    q.add_argument("--max-mb", type=float, default=None, help="train on a seeded sample of this many MB")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(fn=cmd_tokenizer_train)
+
+    p = sub.add_parser("train", help="train an SMoE from a recipe: `smoe train --recipe NAME data=DIR [key=value]`")
+    p.add_argument("overrides", nargs="*", help="key=value: model.dim=128, lr=1e-3, max_steps=500, autocast=bf16, ...")
+    p.add_argument("--recipe", default="small", help="recipe name (--list shows them)")
+    p.add_argument("--data", default=None, help="prepared data directory (same as data=DIR)")
+    p.add_argument("--out", default=None, help="run directory (same as out_dir=DIR)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--list", action="store_true", help="list the recipes")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("export", help="export a run (latest checkpoint) or a checkpoint to the HF layout")
+    p.add_argument("src", help="run directory or checkpoint directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("eval", help="the Mixtral paper's benchmarks (or any lm-eval tasks), offline, with a report")
     p.add_argument("model", nargs="?", help="checkpoint directory")

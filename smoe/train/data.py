@@ -185,7 +185,9 @@ def prepare(inputs: list[str | os.PathLike], tokenizer, out: str | os.PathLike, 
         jobs.setdefault(d[0], []).append(d[1])
     job_list = list(jobs.items())
     total_bytes = sum(Path(f).stat().st_size for f, _ in job_list)
-    workers = max(1, min(workers or os.cpu_count() or 1, len(job_list)))
+    if workers is None:  # starting worker processes costs seconds: worth it from a few MB of text
+        workers = 1 if total_bytes < 4_000_000 else (os.cpu_count() or 1)
+    workers = max(1, min(workers, len(job_list)))
     counts = {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
     offsets: dict[str, list[int]] = {s: [0] for s in SPLITS}
     with atomic_path(out / "train.bin") as tmp_train, atomic_path(out / "val.bin") as tmp_val:

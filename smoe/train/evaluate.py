@@ -60,4 +60,6 @@ class LMEval:
         if self.unigram_loss is not None:
             out["unigram_loss"] = self.unigram_loss
             out["unigram_ppl"] = math.exp(self.unigram_loss)
+            if self.n_bytes:
+                out["unigram_bits_per_byte"] = self.unigram_loss * self.n_tokens / math.log(2) / self.n_bytes
         return out

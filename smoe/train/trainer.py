@@ -151,7 +151,7 @@ class Trainer:
             raise ckpt.ResumeError(f"nothing to resume: {self.run_dir / 'checkpoints'} holds no complete checkpoint")
         state = ckpt.load_checkpoint(where, self.model, self.optimizer)
         self.step = state["step"]
-        self.max_steps = state["max_steps"]
+        self.max_steps = self.cfg.max_steps or state["max_steps"]  # an explicit max_steps extends the run
         self.tokens_seen = state["tokens_seen"]
         self.elapsed = state["elapsed_s"]
         self.history = state.get("history", self.history)
@@ -309,6 +309,8 @@ class Trainer:
             print(f"\ninterrupted at step {self.step}: checkpoint {where}; continue with --resume")
             self.log.close()
             raise
+        if window:  # the steps since the last record (stopped by the time budget)
+            self.log.write(self._record(window, t_window, flops_tok))
         bar.close()
         if self.step % cfg.eval_every != 0:
             self._eval(bar)
@@ -330,6 +332,8 @@ class Trainer:
         n = len(window)
         mean = {k: float(sum(float(w[k]) for w in window) / n) for k in ("loss", "ce", "aux", "z", "grad_norm")
                 if k in window[0]}
+        mean.update({k: float(sum(float(w[k]) for w in window) / n) for k, v in window[0].items()  # objective's own
+                     if k not in mean and torch.is_tensor(v) and v.dim() == 0})  # scalars, e.g. DPO rewards
         tokens = sum(w["tokens"] for w in window)
         tps = tokens / max(seconds, 1e-9)
         rec = {"kind": "train", "step": self.step, **mean, "lr": window[-1]["lr"], "tokens_per_s": tps,
