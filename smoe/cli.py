@@ -58,7 +58,7 @@ def cmd_generate(args) -> None:
     if args.backend:
         model.set_moe_backend(args.backend)
     sys.stdout.write(args.prompt)
-    for ev in stream(model, args.prompt, _sampling(args), tok):
+    for ev in stream(model, args.prompt, _sampling(args), tok, compile=args.compile):
         sys.stdout.write(ev.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--prompt", required=True)
     p.add_argument("--backend", default=None, help="MoE backend: naive | grouped | triton")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (torch.compile on CPU, CUDA graph on GPU; slow first step)")
     _add_sampling(p)
     p.set_defaults(fn=cmd_generate)
 

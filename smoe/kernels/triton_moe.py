@@ -132,8 +132,9 @@ PER_SLOT_MAX_SLOTS = 16
 def block_config(n_slots: int, n_experts: int) -> dict:
     """Tile sizes by the number of token-slots: thin blocks for decode, square-ish for prefill."""
     if n_slots <= PER_SLOT_MAX_SLOTS:
+        # memory-bound: thin tiles so that even the down projection (D columns) spreads over every SM
         return dict(BLOCK_M=16, up=dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
-                    down=dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4), GROUP_M=1)
+                    down=dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4), GROUP_M=1)
     if n_slots <= 64 * n_experts:
         return dict(BLOCK_M=32, up=dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
                     down=dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4), GROUP_M=4)

@@ -1,0 +1,226 @@
+"""Greedy decode tokens/s: smoe (eager and torch.compile) beside transformers' generate on the same
+weights, against the memory roofline measured in the same run.
+
+Decode time per token = (t(generate n_long) - t(generate n_short)) / (n_long - n_short), which
+cancels prefill and setup for every implementation alike. Roofline at batch 1: the bytes of weights
+one token must read (its top-k experts, attention, router and norms of every layer, one embedding
+row, the output projection) / the streaming-read bandwidth measured here.
+
+    .venv/bin/python benchmarks/decode.py                        # small (30M) and large (~0.8B) models
+    .venv/bin/python benchmarks/decode.py --models small --dtypes float32 --batches 1 --repeat 2
+    python benchmarks/decode.py --device cuda --models mixtral-8x7b --layers 8 --dtypes bfloat16 \
+        --batches 1 --impls smoe
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from smoe import Transformer  # noqa: E402
+from smoe.generation import generate  # noqa: E402
+from smoe.kernels.timing import median, read_bandwidth, sync  # noqa: E402
+from smoe.model.config import ModelConfig, get_preset  # noqa: E402
+
+# (b) weights far beyond the caches: ~0.8B parameters, 0.92 GB (fp32) of active weights per token
+LARGE = ModelConfig(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, hidden_dim=3584, n_experts=8, top_k=2,
+                    vocab_size=32000, max_seq_len=4096)
+
+
+def model_config(name: str, layers: int | None) -> ModelConfig:
+    cfg = LARGE.replace() if name == "large" else get_preset(name)
+    return cfg.replace(n_layers=layers) if layers else cfg
+
+
+def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Weight bytes one decoded token reads: active parameters less the embedding table plus one row."""
+    _, active = cfg.num_params()
+    return (active - cfg.vocab_size * cfg.dim + cfg.dim) * torch.finfo(dtype).bits // 8
+
+
+def random_model(cfg: ModelConfig, dtype: torch.dtype, device: str, seed: int = 0) -> Transformer:
+    """Random weights built on the meta device and filled in place (no full fp32 copy on the target)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to(dtype).to_empty(device=device)  # allocated once, in the target dtype
+    model.reset_rope(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    return model.eval()
+
+
+def hf_from(model: Transformer, dtype: torch.dtype, tmp: str):
+    """transformers' MixtralForCausalLM with the same weights, via an HF checkpoint written by smoe."""
+    from transformers import MixtralForCausalLM
+    model.save_pretrained(tmp)
+    hf = MixtralForCausalLM.from_pretrained(tmp, dtype=dtype).to(model.device).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def decode_seconds(run, n_short: int, n_long: int, repeat: int, device) -> tuple[float, list[float]]:
+    """Median per-token decode time from paired short/long generations (interleaved)."""
+    run(n_short)
+    per_token = []
+    for _ in range(repeat):
+        t_long = timed(lambda: run(n_long), device)
+        t_short = timed(lambda: run(n_short), device)
+        per_token.append(max(t_long - t_short, 1e-9) / (n_long - n_short))
+    return median(per_token), per_token
+
+
+def bench_model(name: str, cfg: ModelConfig, dtype: torch.dtype, batches: list[int], impls: list[str],
+                args) -> list[dict]:
+    device = args.device
+    t0 = time.perf_counter()
+    model = random_model(cfg, dtype, device)
+    print(f"  built {name} {str(dtype)[6:]} in {time.perf_counter() - t0:.0f}s", flush=True)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, cfg.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(max(batches))]
+    rows = []
+    tmp = tempfile.TemporaryDirectory()
+    hf = hf_from(model, dtype, tmp.name) if "transformers" in impls else None
+    for B in batches:
+        batch = prompts[:B] if B > 1 else prompts[0]
+        row = {"model": name, "dtype": str(dtype)[6:], "batch": B, "tok_s": {}, "samples_s": {}}
+        for impl in impls:
+            if impl == "transformers":
+                ids = torch.tensor(prompts[:B], device=device)
+
+                def run(n, ids=ids):
+                    with torch.inference_mode():
+                        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                    do_sample=False)
+            else:
+                compile_ = impl == "smoe-compile"
+
+                def run(n, compile_=compile_, batch=batch):
+                    generate(model, batch, max_tokens=n, ignore_eos=True, compile=compile_)
+            if impl == "smoe-compile":
+                row["compile_s"] = timed(lambda run=run: run(2), device)
+            sec, samples = decode_seconds(run, args.short, args.long, args.repeat, device)
+            row["tok_s"][impl] = B / sec
+            row["samples_s"][impl] = samples
+            print(f"  {name} {row['dtype']} batch {B} {impl}: {B / sec:.1f} tok/s", flush=True)
+        rows.append(row)
+    tmp.cleanup()
+    return rows
+
+
+def print_table(rows: list[dict], impls: list[str], bandwidth: float) -> str:
+    smoe_impls = [i for i in impls if i.startswith("smoe")]
+    head = f"{'model':>8} {'dtype':>8} {'B':>3} " + " ".join(f"{i + ' tok/s':>19}" for i in impls)
+    head += f" {'roofline tok/s':>15} " + " ".join(f"{i + ' %roof':>17}" for i in smoe_impls)
+    if "transformers" in impls:
+        head += " " + " ".join(f"{i + '/hf':>17}" for i in smoe_impls) + f" {'hf %roof':>9}"
+    lines = [head]
+    for r in rows:
+        ts = r["tok_s"]
+        line = f"{r['model']:>8} {r['dtype']:>8} {r['batch']:>3} " + " ".join(f"{ts.get(i, 0):>19.1f}" for i in impls)
+        if r["batch"] == 1:
+            roof = r["roofline_tok_s"]
+            line += f" {roof:>15.1f} " + " ".join(f"{100 * ts[i] / roof:>16.0f}%" for i in smoe_impls)
+        else:
+            line += f" {'-':>15} " + " ".join(f"{'-':>17}" for _ in smoe_impls)
+        if "transformers" in impls:
+            line += " " + " ".join(f"{ts[i] / ts['transformers']:>17.2f}" for i in smoe_impls)
+            line += f" {100 * ts['transformers'] / r['roofline_tok_s']:>8.0f}%" if r["batch"] == 1 else f" {'-':>9}"
+        lines.append(line)
+    text = "\n".join(lines) + f"\nread bandwidth {bandwidth / 1e9:.1f} GB/s (best of the runs before and after)"
+    print(text, flush=True)
+    return text
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["small", "large"],
+                   help="preset names or 'large' (dim 1024, 8 layers, H 3584: ~0.8B parameters)")
+    p.add_argument("--layers", type=int, default=None, help="override the number of layers (scaled-down runs)")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--impls", nargs="+", default=["smoe", "smoe-compile", "transformers"],
+                   choices=["smoe", "smoe-compile", "transformers"])
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--short", type=int, default=8, help="tokens of the short generation")
+    p.add_argument("--long", type=int, default=40, help="tokens of the long generation")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--peak-bandwidth", type=float, default=None,
+                   help="spec-sheet memory bandwidth in GB/s, to also report the fraction of it (GPU HBM)")
+    p.add_argument("--out", default="runs/benchmarks/decode.json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    bw_mb = 4096 if device.startswith("cuda") else 512
+    bandwidths = [read_bandwidth(bw_mb * 2**20, device=device)]
+    print(f"read bandwidth {bandwidths[0] / 1e9:.1f} GB/s; threads {torch.get_num_threads()}", flush=True)
+    rows = []
+    for name in args.models:
+        cfg = model_config(name, args.layers)
+        for dtype_name in args.dtypes:
+            dtype = getattr(torch, dtype_name)
+            for r in bench_model(name, cfg, dtype, args.batches, args.impls, args):
+                r["bytes_per_token"] = bytes_per_token(cfg, dtype)
+                r["config"] = cfg.to_dict()
+                rows.append(r)
+    bandwidths.append(read_bandwidth(bw_mb * 2**20, device=device))
+    bw = max(bandwidths)
+    for r in rows:
+        r["roofline_tok_s"] = bw / r["bytes_per_token"]
+    table = print_table(rows, args.impls, bw)
+    for r in rows:
+        if r["batch"] != 1:
+            continue
+        full = model_config(r["model"], None)
+        notes = []
+        if args.layers and args.layers != full.n_layers:  # a scaled-down stack: extrapolate by roofline fraction
+            r["full_model_estimate_tok_s"] = {i: t / r["roofline_tok_s"] * bw / bytes_per_token(full, getattr(
+                torch, r["dtype"])) for i, t in r["tok_s"].items()}
+            notes.append(f"{args.layers} of {full.n_layers} layers; at the same roofline fraction the full model "
+                         f"would do " + ", ".join(f"{i} {t:.1f}" for i, t in r["full_model_estimate_tok_s"].items())
+                         + " tok/s")
+        if args.peak_bandwidth:
+            peak = args.peak_bandwidth * 1e9 / r["bytes_per_token"]
+            r["peak_roofline_tok_s"] = peak
+            notes.append(f"spec peak {args.peak_bandwidth:.0f} GB/s: roofline {peak:.1f} tok/s, "
+                         + ", ".join(f"{i} {100 * t / peak:.0f}%" for i, t in r["tok_s"].items()))
+        for n in notes:
+            line = f"{r['model']} {r['dtype']} batch 1: {n}"
+            table += "\n" + line
+            print(line)
+    result = {"bandwidth_bytes_s": bw, "bandwidths": bandwidths, "threads": torch.get_num_threads(),
+              "device": device, "command": " ".join(sys.argv), "rows": rows, "table": table,
+              "torch": torch.__version__}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

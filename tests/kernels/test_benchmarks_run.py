@@ -1,0 +1,62 @@
+"""The benchmark scripts run end to end on tiny sizes and write their JSON (no timing assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_moe_layer_benchmark_runs(tmp_path, capsys):
+    out = tmp_path / "moe.json"
+    res = load("moe_layer").main(["--dim", "32", "--hidden-dim", "48", "--experts", "4", "--tokens", "1", "9",
+                                  "--dtypes", "float32", "bfloat16", "--repeat", "1", "--min-seconds", "0",
+                                  "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "grouped/dense" in printed and "grouped/hf_eager" in printed and "grouped/matmuls" in printed
+    data = json.loads(out.read_text())
+    assert len(data["cases"]) == 2 * 2 * 2  # tokens x dtypes x modes
+    for case in data["cases"]:
+        assert {"grouped", "naive", "hf_grouped_mm", "hf_eager", "dense"} <= set(case["seconds"])
+        tol = 1e-5 if case["dtype"] == "float32" else 2e-2
+        assert max(case["max_abs_diff_vs_naive"].values()) <= tol  # every implementation computed the same MoE
+    assert res["shape"]["dim"] == 32
+
+
+def test_decode_benchmark_runs(tmp_path, capsys):
+    out = tmp_path / "decode.json"
+    load("decode").main(["--models", "tiny", "--layers", "1", "--dtypes", "float32", "--batches", "1", "2",
+                         "--impls", "smoe", "transformers", "--short", "2", "--long", "4", "--repeat", "1",
+                         "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "roofline tok/s" in printed and "smoe/hf" in printed
+    data = json.loads(out.read_text())
+    assert data["bandwidth_bytes_s"] > 0 and len(data["rows"]) == 2
+    row = data["rows"][0]
+    assert row["tok_s"]["smoe"] > 0 and row["tok_s"]["transformers"] > 0 and row["roofline_tok_s"] > 0
+    assert "full_model_estimate_tok_s" in row  # 1 of the preset's 2 layers
+
+
+@pytest.mark.timeout(120)
+def test_gpu_check_script_is_valid_bash():
+    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")]).returncode == 0
+
+
+def test_benchmarks_have_a_command_line_help():
+    for name in ("moe_layer", "decode"):
+        run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--help"],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and "usage" in run.stdout
