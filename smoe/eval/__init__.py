@@ -15,7 +15,7 @@ def evaluate(model, suite: str | None = "mixtral", categories: list[str] | None 
              benchmarks: list[str] | None = None, tasks: list[str] | None = None, num_fewshot: int | None = None,
              include_path: str | Path | None = None, limit: int | float | None = None,
              data_dir: str | Path | None = None, out_dir: str | Path | None = None, options=None,
-             model_args: dict | None = None, progress: bool = True):
+             model_args: dict | None = None, progress: bool = True, task_manager=None):
     """Evaluate a checkpoint directory (or an lm-eval LM) on a suite and/or lm-eval tasks.
 
     Returns (rows, markdown). With out_dir, also writes report.md and report.json there.
@@ -38,7 +38,7 @@ def evaluate(model, suite: str | None = "mixtral", categories: list[str] | None 
     else:
         lm, name = model, getattr(model, "pretrained", type(model).__name__)
     results = run_benchmarks(lm, rows, limit=limit, data_dir=data_dir, include_path=include_path, options=options,
-                             progress=progress)
+                             progress=progress, tm=task_manager)
     settings = {"suite": suite, "limit": limit, "data_dir": str(data_dir) if data_dir else None,
                 **{k: v for k, v in (model_args or {}).items()}}
     if options is not None:

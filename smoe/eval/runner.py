@@ -8,6 +8,7 @@ reported as an error; the rest still run. A progress bar goes across the benchma
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -56,6 +57,17 @@ def force_offline() -> None:
     huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 
+def _local_cache_dir(folder: Path) -> Path:
+    """A datasets cache folder for one local dataset copy, keyed by its path and its files' sizes and times."""
+    import datasets.config
+    h = hashlib.sha256(str(folder.resolve()).encode())
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and ".cache" not in f.parts:
+            st = f.stat()
+            h.update(f"{f.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return Path(datasets.config.HF_DATASETS_CACHE) / "smoe-local" / h.hexdigest()[:16]
+
+
 @contextlib.contextmanager
 def local_datasets(data_dir: str | Path | None):
     """While building tasks: load `org/name` from DATA_DIR/org/name when that copy exists; record
@@ -66,8 +78,11 @@ def local_datasets(data_dir: str | Path | None):
 
     def load(path, *args, **kwargs):
         asked.append(str(path))
-        if data_dir is not None and (Path(data_dir) / str(path)).is_dir():
-            path = str(Path(data_dir) / str(path))
+        local = Path(data_dir) / str(path) if data_dir is not None else None
+        if local is not None and local.is_dir():
+            path = str(local)
+            # datasets caches a local folder by its name alone: give each version of a copy its own cache
+            kwargs.setdefault("cache_dir", str(_local_cache_dir(local)))
         return original(path, *args, **kwargs)
 
     datasets.load_dataset = load
@@ -160,14 +175,15 @@ def _register(tm, spec: str | dict) -> str | dict:
 def run_benchmarks(lm, benchmarks: list[Benchmark], *, limit: int | float | None = None,
                    data_dir: str | Path | None = None, include_path: str | Path | list | None = None,
                    options: SuiteOptions | None = None, bootstrap_iters: int = 1000, seed: int = 1234,
-                   progress: bool = True) -> list[Row]:
-    """Evaluate `lm` (an lm-eval LM) on each benchmark in turn; returns one Row per benchmark."""
+                   progress: bool = True, tm=None) -> list[Row]:
+    """Evaluate `lm` (an lm-eval LM) on each benchmark in turn; returns one Row per benchmark.
+    tm: an lm-eval TaskManager to use instead of the cached one for include_path."""
     force_offline()
     import lm_eval
     options = options or SuiteOptions()
     for name in ("lm_eval", "lm-eval"):  # keep lm-eval's per-task chatter out of the progress display
         logging.getLogger(name).setLevel(logging.WARNING)
-    tm = task_manager(include_path)
+    tm = tm or task_manager(include_path)
     rows: list[Row] = []
     bar = tqdm(benchmarks, desc="benchmarks", unit="task", disable=not progress)
     for b in bar:

@@ -167,8 +167,8 @@ def _math(opts: SuiteOptions, tm) -> Built:
     tasks = [sampled(base_config(tm, f"minerva_math_{s}"), f"smoe_math_maj4_{s}", 4, opts.maj_temperature, scorer,
                      ["maj@4", "sample_acc"], {"max_gen_toks": 512}, opts.max_gen_toks) for s in MATH_SUBJECTS]
     return Built({"group": "smoe_math_maj4", "task": tasks,
-                  "aggregate_metric_list": [{"metric": "maj@4", "aggregation": "mean", "weight_by_size": True,
-                                             "filter_list": "none"}],
+                  "aggregate_metric_list": [{"metric": m, "aggregation": "mean", "weight_by_size": True,
+                                             "filter_list": "none"} for m in ("maj@4", "sample_acc")],
                   "metadata": {"version": 1.0}})
 
 

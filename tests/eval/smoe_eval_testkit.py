@@ -10,6 +10,13 @@ from pathlib import Path
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+
+def private_datasets_cache(tmp: Path) -> None:
+    """Point the datasets cache at a test folder (the tests' tiny datasets stay out of ~/.cache)."""
+    import datasets.config
+    os.environ["HF_DATASETS_CACHE"] = str(tmp)
+    datasets.config.HF_DATASETS_CACHE = Path(tmp)
+
 import torch  # noqa: E402
 
 from smoe import ModelConfig, Transformer  # noqa: E402

@@ -7,9 +7,14 @@ import sys
 
 import pytest
 import torch
-from smoe_eval_testkit import make_checkpoint, write_local_tasks
+from smoe_eval_testkit import make_checkpoint, private_datasets_cache, write_local_tasks
 
 pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def datasets_cache(tmp_path_factory):
+    private_datasets_cache(tmp_path_factory.mktemp("hf-datasets-cache"))
 
 
 @pytest.fixture(scope="module")
