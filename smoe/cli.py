@@ -137,10 +137,12 @@ def cmd_eval(args) -> None:
                            maj_temperature=args.maj_temperature, max_gen_toks=args.max_gen_toks)
     model_args = {k: v for k, v in dict(dtype=args.dtype, device=args.device, batch_size=args.batch_size,
                                         seed=args.seed).items() if v is not None}
+    if args.server:  # the server owns dtype and device
+        model_args = {k: v for k, v in model_args.items() if k in ("batch_size", "seed")}
     _, markdown = evaluate(args.model, suite=suite, categories=csv(args.categories), benchmarks=csv(args.benchmarks),
                            tasks=csv(args.tasks), num_fewshot=args.num_fewshot, include_path=args.include_path,
                            limit=args.limit, data_dir=args.data_dir, out_dir=args.out, options=options,
-                           model_args=model_args)
+                           model_args=model_args, server=args.server)
     print(markdown)
     if args.out:
         print(f"wrote {args.out}/report.md and {args.out}/report.json")
@@ -268,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pass-k", default="1", help="comma-separated k of pass@k (k <= --code-samples)")
     p.add_argument("--maj-temperature", type=float, default=0.6, help="sampling temperature of maj@k")
     p.add_argument("--max-gen-toks", type=int, default=None, help="cap on generated tokens in maj@k and code tasks")
+    p.add_argument("--server", default=None, help="URL of a running `smoe serve` to score instead (MODEL: the "
+                   "checkpoint directory whose tokenizer it uses)")
     p.add_argument("--list", action="store_true", help="print the suite table and exit")
     p.set_defaults(fn=cmd_eval)
 

@@ -15,9 +15,11 @@ def evaluate(model, suite: str | None = "mixtral", categories: list[str] | None 
              benchmarks: list[str] | None = None, tasks: list[str] | None = None, num_fewshot: int | None = None,
              include_path: str | Path | None = None, limit: int | float | None = None,
              data_dir: str | Path | None = None, out_dir: str | Path | None = None, options=None,
-             model_args: dict | None = None, progress: bool = True, task_manager=None):
+             model_args: dict | None = None, progress: bool = True, task_manager=None, server: str | None = None):
     """Evaluate a checkpoint directory (or an lm-eval LM) on a suite and/or lm-eval tasks.
 
+    server: the URL of a running `smoe serve`; then `model` is the checkpoint directory whose
+    tokenizer it uses, and scoring goes through lm-eval's local-completions.
     Returns (rows, markdown). With out_dir, also writes report.md and report.json there.
     """
     from smoe.eval.report import to_markdown, write_report
@@ -32,14 +34,18 @@ def evaluate(model, suite: str | None = "mixtral", categories: list[str] | None 
         raise ValueError("nothing to evaluate: give a suite, benchmarks or lm-eval tasks")
     if data_dir is not None and not Path(data_dir).is_dir():
         raise FileNotFoundError(f"--data-dir {data_dir} is not a directory")
-    if isinstance(model, str | Path):
+    if server is not None:
+        from smoe.eval.remote import ServedLM
+        lm = ServedLM(server, tokenizer=model, **(model_args or {}))
+        name = lm.pretrained
+    elif isinstance(model, str | Path):
         from smoe.eval.lm import SmoeLM
         lm, name = SmoeLM(pretrained=str(model), **(model_args or {})), str(model)
     else:
         lm, name = model, getattr(model, "pretrained", type(model).__name__)
     results = run_benchmarks(lm, rows, limit=limit, data_dir=data_dir, include_path=include_path, options=options,
                              progress=progress, tm=task_manager)
-    settings = {"suite": suite, "limit": limit, "data_dir": str(data_dir) if data_dir else None,
+    settings = {"suite": suite, "limit": limit, "data_dir": str(data_dir) if data_dir else None, "server": server,
                 **{k: v for k, v in (model_args or {}).items()}}
     if options is not None:
         settings.update(code_samples=options.code_samples, maj_temperature=options.maj_temperature)
