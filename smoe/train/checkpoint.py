@@ -26,6 +26,7 @@ from smoe.checkpoint import save_model
 from smoe.model.config import ModelConfig
 
 STATE_FILE = "trainer_state.json"
+EXTRA_FILE = "extra.pt"  # tensors the model holds beyond the Mixtral weights (LoRA adapters; read weights_only)
 PREFIX = "step_"
 
 
@@ -86,6 +87,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer: torch.opti
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=ckpt_root))
     try:
         save_model(model, tmp, format="hf")  # each file written and fsynced atomically
+        extra = extra_tensors(model)
+        if extra:
+            torch.save({k: v.detach().clone() for k, v in extra.items()}, tmp / EXTRA_FILE)
         if tokenizer is not None:
             tokenizer.save(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -140,6 +144,26 @@ def check_model_config(saved: dict, cfg: ModelConfig, where: Path) -> None:
                           + "; ".join(diff) + ")")
 
 
+def extra_tensors(model) -> dict[str, torch.Tensor]:
+    """The model's state beyond a plain Transformer's (e.g. LoRA adapters): saved beside the weights."""
+    from smoe.model.transformer import Transformer
+    with torch.device("meta"):
+        plain = set(Transformer(model.config).state_dict())
+    return {k: v for k, v in model.state_dict().items() if k not in plain}
+
+
+def _load_extra(ckpt: Path, model) -> None:
+    mine = extra_tensors(model)
+    saved = torch.load(ckpt / EXTRA_FILE, map_location=model.device, weights_only=True) \
+        if (ckpt / EXTRA_FILE).exists() else {}
+    if set(saved) != set(mine):
+        raise ResumeError(f"cannot resume from {ckpt}: it holds {len(saved)} extra tensors (LoRA adapters), this "
+                          f"model {len(mine)}; e.g. {sorted(set(saved) ^ set(mine))[:3]}")
+    with torch.no_grad():
+        for k, v in saved.items():
+            mine[k].copy_(v)
+
+
 def load_checkpoint(ckpt: str | Path, model, optimizer: torch.optim.Optimizer) -> dict:
     """Load weights, optimizer and RNG states from a checkpoint into model/optimizer; returns trainer state."""
     from smoe.checkpoint import load_model
@@ -151,6 +175,7 @@ def load_checkpoint(ckpt: str | Path, model, optimizer: torch.optim.Optimizer) -
         own = model.state_dict()
         for k, v in loaded.state_dict().items():
             own[k].copy_(v)
+    _load_extra(ckpt, model)
     try:
         opt_state = torch.load(ckpt / "optimizer.pt", map_location=model.device, weights_only=True)
         rng = torch.load(ckpt / "rng.pt", weights_only=True)
