@@ -121,6 +121,67 @@ def cmd_export(args) -> None:
     print(f"wrote {out} (Hugging Face layout + tokenizer)")
 
 
+def _lora(args):
+    from smoe.train.lora import LoRAConfig
+    return LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_targets) if args.lora else None
+
+
+def cmd_sft(args) -> None:
+    from smoe.train.sft import SFT_LORA_LR, SFT_TRAIN, SFTConfig, finetune_config, run_sft
+    lora = _lora(args)
+    train = finetune_config(SFT_TRAIN, args.overrides, out_dir=args.out, max_steps=args.max_steps,
+                            lr=args.lr or (SFT_LORA_LR if lora else None), batch_size=args.batch_size,
+                            grad_accum=args.grad_accum, seed=args.seed)
+    cfg = SFTConfig(model=args.model, data=args.data, val_data=args.val_data, val_fraction=args.val_fraction,
+                    truncation=args.truncation, seq_len=args.seq_len, epochs=args.epochs, exact_match=args.exact_match,
+                    dtype=args.dtype, tokenizer=args.tokenizer, lora=lora, train=train)
+    run_sft(cfg, resume=args.resume)
+
+
+def cmd_dpo(args) -> None:
+    from smoe.train.dpo import DPO_LORA_LR, DPO_TRAIN, DPOConfig, run_dpo
+    from smoe.train.sft import finetune_config
+    lora = _lora(args)
+    train = finetune_config(DPO_TRAIN, args.overrides, out_dir=args.out, max_steps=args.max_steps,
+                            lr=args.lr or (DPO_LORA_LR if lora else None), batch_size=args.batch_size,
+                            grad_accum=args.grad_accum, seed=args.seed)
+    cfg = DPOConfig(model=args.model, data=args.data, val_data=args.val_data, val_fraction=args.val_fraction,
+                    beta=args.beta, label_smoothing=args.label_smoothing, loss_type=args.loss, seq_len=args.seq_len,
+                    ref=args.ref, epochs=args.epochs, dtype=args.dtype, tokenizer=args.tokenizer, lora=lora,
+                    train=train)
+    run_dpo(cfg, resume=args.resume)
+
+
+def cmd_merge_adapters(args) -> None:
+    from smoe.train.lora import merge_adapters
+    print(f"wrote {merge_adapters(args.base, args.adapters, args.out, args.dtype)} (adapters merged, HF layout)")
+
+
+def _add_finetune(p: argparse.ArgumentParser, out: str, epochs: float, lr: str) -> None:
+    p.add_argument("overrides", nargs="*", help="key=value training settings: warmup_steps=50 aux_coef=0.02 "
+                   "autocast=bf16 eval_every=100 ...")
+    p.add_argument("--model", required=True, help="checkpoint directory to start from (its tokenizer is used)")
+    p.add_argument("--data", required=True, help="JSONL training file")
+    p.add_argument("--val-data", default=None, help="held-out JSONL (default: hold out --val-fraction of --data)")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--out", default=out, help="run directory: checkpoints, logs, final/ (the exported model)")
+    p.add_argument("--epochs", type=float, default=epochs, help="passes over the data (unless --max-steps)")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help=lr)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--grad-accum", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's context, "
+                   "at most 2048)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default=None, help="training dtype of the weights (default fp32; see autocast=bf16)")
+    p.add_argument("--tokenizer", default=None, help="default: the model directory's")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-targets", default="wq,wk,wv,wo,w1,w2,w3", help="attention wq wk wv wo, experts w1 w2 w3")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+
+
 def cmd_eval(args) -> None:
     from smoe.eval import evaluate, suite_listing
     from smoe.eval.suite import SuiteOptions
@@ -249,6 +310,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on chats (JSONL of {\"messages\": [...]}), "
+                       "assistant tokens only")
+    _add_finetune(p, "runs/sft", 3.0, "default 1e-4, with --lora 1e-3")
+    p.add_argument("--truncation", choices=["truncate", "skip"], default="truncate",
+                   help="conversations longer than --seq-len: cut or skip (counted either way)")
+    p.add_argument("--exact-match", type=int, default=0, help="score greedy replies to N held-out prompts "
+                   "(last assistant turn) at each evaluation")
+    p.set_defaults(fn=cmd_sft)
+
+    p = sub.add_parser("dpo", help="Direct Preference Optimization on pairs (JSONL of prompt, chosen, rejected)")
+    _add_finetune(p, "runs/dpo", 1.0, "default 5e-6, with --lora 5e-5")
+    p.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference model")
+    p.add_argument("--loss", choices=["sigmoid", "ipo"], default="sigmoid", help="DPO (sigmoid) or IPO")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO: assumed label noise")
+    p.add_argument("--ref", choices=["precompute", "live"], default="precompute",
+                   help="reference log-probs computed once before training, or by a frozen model every step")
+    p.set_defaults(fn=cmd_dpo)
+
+    p = sub.add_parser("merge-adapters", help="merge saved LoRA adapters into their base model and export it")
+    p.add_argument("base", help="the base checkpoint the adapters were trained on")
+    p.add_argument("adapters", help="adapter directory (RUN/adapters)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
+    p.set_defaults(fn=cmd_merge_adapters)
 
     p = sub.add_parser("eval", help="the Mixtral paper's benchmarks (or any lm-eval tasks), offline, with a report")
     p.add_argument("model", nargs="?", help="checkpoint directory")
