@@ -39,7 +39,7 @@ def _as_bool(v) -> bool | None:
     raise ValueError(f"expected true or false, got {v!r}")
 
 
-def _special_text(tok: Tokenizer, token_id: int) -> str | None:
+def special_token_text(tok: Tokenizer, token_id: int) -> str | None:
     """The text of a special token (e.g. '<s>'), for recognising prompts that already start with it."""
     for get in (lambda: tok.tok.id_to_token(token_id), lambda: tok.raw.id_to_piece(token_id)):
         try:
@@ -114,7 +114,7 @@ class SmoeLM(TemplateLM):
         if self.generator not in ("engine", "loop"):
             raise ValueError(f"smoe model: generator must be 'engine' or 'loop', got {generator!r}")
         self._llm = None
-        self._bos_text = _special_text(self.tokenizer, self.tokenizer.bos_id)
+        self._bos_text = special_token_text(self.tokenizer, self.tokenizer.bos_id)
 
     # ----------------------------------------------------------------- properties lm-eval reads
     @property
@@ -240,7 +240,7 @@ class SmoeLM(TemplateLM):
     def _sampling_params(self, gen_kwargs: dict) -> tuple[SamplingParams, list[str]]:
         kw = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
         until = [s for s in kw.pop("until") or [] if isinstance(s, str) and s]
-        eos_text = _special_text(self.tokenizer, self.eot_token_id)
+        eos_text = special_token_text(self.tokenizer, self.eot_token_id)
         until = [s for s in until if s != eos_text]  # EOS ends generation by id
         max_new = int(kw.pop("max_gen_toks"))
         sample = bool(kw.pop("do_sample", False))

@@ -26,9 +26,10 @@ CORPUS = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    r
           "assert add(1, 2) == 3", "The answer is 42."]
 
 
-def make_checkpoint(out: Path, seed: int = 0, max_seq_len: int = 512) -> Path:
-    """A tiny random Mixtral (HF layout) with a byte-level BPE tokenizer.json + tokenizer_config.json
-    that both transformers' AutoTokenizer and smoe.load_tokenizer read (BOS added by the template)."""
+def make_checkpoint(out: Path, seed: int = 0, max_seq_len: int = 512, **config) -> Path:
+    """A tiny random Mixtral (HF layout; keyword arguments change ModelConfig fields) with a byte-level
+    BPE tokenizer.json + tokenizer_config.json that both transformers' AutoTokenizer and
+    smoe.load_tokenizer read (BOS added by the template)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
@@ -43,8 +44,8 @@ def make_checkpoint(out: Path, seed: int = 0, max_seq_len: int = 512) -> Path:
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "tokenizer_class": "PreTrainedTokenizerFast",
          "model_max_length": max_seq_len}))
-    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, n_experts=4, top_k=2,
-                      vocab_size=tok.get_vocab_size(), max_seq_len=max_seq_len)
+    cfg = ModelConfig(**{**dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, n_experts=4, top_k=2,
+                                vocab_size=tok.get_vocab_size(), max_seq_len=max_seq_len), **config})
     torch.manual_seed(seed)
     Transformer(cfg).eval().save_pretrained(out)
     return out
