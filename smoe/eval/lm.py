@@ -60,19 +60,21 @@ class SmoeLM(TemplateLM):
     max_length (default: the model's max_seq_len), max_gen_toks (default 256), add_bos_token (default:
     BOS, as the Mixtral tokenizer), prefix_token_id (default BOS), seed (for sampled generation),
     moe_top_k (experts per token), backend (MoE backend), generator ('engine': smoe.engine.LLM,
-    continuous batching; 'loop': smoe.generate on batches of batch_size; default engine on CUDA).
+    continuous batching; 'loop': smoe.generate on batches of batch_size; default engine on CUDA),
+    engine_kv_memory (the engine's KV pool, e.g. '8GiB'; default: the engine's).
     """
 
     def __init__(self, pretrained=None, tokenizer=None, dtype: str | None = None, device: str | None = None,
                  batch_size: int | str = 8, max_batch_size: int | None = None, max_batch_tokens: int = 8192,
                  max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool | None = None,
                  prefix_token_id: int | None = None, seed: int = 1234, moe_top_k: int | None = None,
-                 backend: str | None = None, generator: str | None = None, **unknown):
+                 backend: str | None = None, generator: str | None = None, engine_kv_memory: str | None = None,
+                 **unknown):
         super().__init__()
         if unknown:
             raise ValueError(f"smoe model: unknown model_args {sorted(unknown)}; known: pretrained, tokenizer, dtype, "
                              f"device, batch_size, max_batch_tokens, max_length, max_gen_toks, add_bos_token, "
-                             f"prefix_token_id, seed, moe_top_k, backend, generator")
+                             f"prefix_token_id, seed, moe_top_k, backend, generator, engine_kv_memory")
         if pretrained is None:
             raise ValueError("smoe model: model_args needs pretrained=CHECKPOINT_DIR")
         from smoe.model.transformer import Transformer
@@ -114,6 +116,7 @@ class SmoeLM(TemplateLM):
         if self.generator not in ("engine", "loop"):
             raise ValueError(f"smoe model: generator must be 'engine' or 'loop', got {generator!r}")
         self._llm = None
+        self.engine_kv_memory = engine_kv_memory
         self._bos_text = special_token_text(self.tokenizer, self.tokenizer.bos_id)
 
     # ----------------------------------------------------------------- properties lm-eval reads
@@ -255,7 +258,8 @@ class SmoeLM(TemplateLM):
         if self.generator == "engine":
             if self._llm is None:
                 from smoe.engine import LLM
-                self._llm = LLM(self.model, self.tokenizer, max_num_batched_tokens=max(self.max_batch_tokens, 2048))
+                self._llm = LLM(self.model, self.tokenizer, max_num_batched_tokens=max(self.max_batch_tokens, 2048),
+                                kv_cache_memory=self.engine_kv_memory)
             return [o.text for o in self._llm.generate(prompts, params, use_tqdm=False)]
         from smoe.generation import generate
         return [c.text for c in generate(self.model, prompts, params[0], self.tokenizer)]
