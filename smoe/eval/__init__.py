@@ -49,6 +49,9 @@ def evaluate(model, suite: str | None = "mixtral", categories: list[str] | None 
                 **{k: v for k, v in (model_args or {}).items()}}
     if options is not None:
         settings.update(code_samples=options.code_samples, maj_temperature=options.maj_temperature)
+    if any(r.sandbox for r in results):
+        from smoe.eval.sandbox import isolation_mode
+        settings["sandbox"] = isolation_mode()
     if out_dir is not None:
         write_report(results, out_dir, name, settings)
     return results, to_markdown(results, name, settings)
