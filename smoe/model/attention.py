@@ -23,6 +23,20 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sdpa for one query per sequence (q (B, H, 1, hd), mask (B, 1, 1, S)) as fp32 multiply-and-sum
+    reductions: under torch.compile these fuse into a pass over the cache, where the library kernel
+    costs far more than the few flops of a decode step."""
+    B, H, _, hd = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    q_BKG1D = q.view(B, Hkv, H // Hkv, 1, hd).float() * hd**-0.5
+    s_BKGS = (q_BKG1D * k[:, :, None].float()).sum(-1)  # (B, Hkv, G, S)
+    s_BKGS = s_BKGS.masked_fill(~mask.view(B, 1, 1, S), float("-inf"))
+    p_BKGS = torch.softmax(s_BKGS, dim=-1)
+    o_BKGD = (p_BKGS[..., None] * v[:, :, None].float()).sum(-2)
+    return o_BKGD.view(B, H, 1, hd).to(q.dtype)
+
+
 class SelfAttention:
     """Causal attention among the T tokens of this step (training, scoring, prefill without cache).
 
@@ -126,6 +140,8 @@ class _WriteThenAttend:
         ck, cv = self.cache.k[layer], self.cache.v[layer]  # (B, Hkv, S, hd)
         ck.index_copy_(2, self.slots, k)
         cv.index_copy_(2, self.slots, v)
+        if q.shape[2] == 1 and torch.compiler.is_compiling():  # a compiled decode step
+            return attend_one(q, ck[:, :, : self.n], cv[:, :, : self.n], self.mask)
         return sdpa(q, ck[:, :, : self.n], cv[:, :, : self.n], self.mask)
 
 

@@ -83,3 +83,12 @@ def test_cuda_graph_decode_gives_the_eager_tokens():
     fast = generate(model, prompts, max_tokens=10, compile=True)
     assert [c.tokens for c in fast] == [c.tokens for c in eager]
     assert compiled._graphed.failed is None and compiled._graphed.graph is not None
+
+
+def test_single_query_attention_equals_sdpa():
+    from smoe.model.attention import attend_one, sdpa
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 8, 1, 16, generator=g), torch.randn(2, 2, 30, 16, generator=g), torch.randn(2, 2, 30, 16)
+    mask = torch.rand(2, 1, 1, 30, generator=g) > 0.3
+    mask[..., 0] = True
+    assert (attend_one(q, k, v, mask) - sdpa(q, k, v, mask)).abs().max() <= 1e-5
