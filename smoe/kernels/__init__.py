@@ -4,6 +4,10 @@ Every backend computes, for tokens x_ND routed to experts_NK with weights_NK,
     out_ND = sum_k weights_NK[:, k] * SwiGLU_{experts_NK[:, k]}(x_ND)
 with stacked expert weights w1_EHD, w3_EHD (dim -> hidden) and w2_EDH (hidden -> dim).
 Legend: N tokens, K chosen experts per token, E experts, D model dim, H expert hidden dim.
+
+Backends: `naive` (the reference loop), `grouped` (sorted dispatch + per-expert matmuls, with its own
+backward; the CPU default), `triton` (fused Triton kernels, the CUDA default, registered when Triton
+is installed; falls back to `grouped` for gradients). Benchmarks: benchmarks/moe_layer.py.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import warnings
 import torch
 import triton
 import triton.language as tl
+from triton.errors import TritonError
 
 from smoe.kernels.grouped import grouped_moe
 
@@ -192,7 +193,9 @@ def fused_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3
         raise ValueError("w1 and w3 must have the same strides")
     ieee = x_ND.dtype == torch.float32
     h_SH = x_ND.new_empty(S, H)
-    up, down = cfg["up"], cfg["down"]
+    up, down = dict(cfg["up"]), dict(cfg["down"])
+    if x_ND.element_size() > 2:  # fp32 tiles are twice the bytes: fewer pipeline stages fit in shared memory
+        up["num_stages"], down["num_stages"] = min(up["num_stages"], 2), min(down["num_stages"], 2)
     grid_up = (triton.cdiv(capacity, bm) * triton.cdiv(H, up["BLOCK_N"]),)
     _up_kernel[grid_up](x_ND, w1_EHD, w3_EHD, h_SH, ids, blk, n_pad, S, capacity, D, H, K,
                         x_ND.stride(0), x_ND.stride(1), w1_EHD.stride(0), w1_EHD.stride(1), w1_EHD.stride(2),
@@ -233,7 +236,7 @@ def triton_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w
         return fused_moe(*args)
     try:
         out = fused_moe(*args)
-    except (triton.CompilationError, RuntimeError) as err:
+    except (TritonError, RuntimeError) as err:
         _state["broken"] = f"{type(err).__name__}: {err}"
         warnings.warn(f"triton MoE kernels failed on this device ({_state['broken'][:300]}); "
                       f"using the grouped backend", stacklevel=2)
