@@ -146,7 +146,8 @@ def cmd_dpo(args) -> None:
                             lr=args.lr or (DPO_LORA_LR if lora else None), batch_size=args.batch_size,
                             grad_accum=args.grad_accum, seed=args.seed)
     cfg = DPOConfig(model=args.model, data=args.data, val_data=args.val_data, val_fraction=args.val_fraction,
-                    beta=args.beta, label_smoothing=args.label_smoothing, loss_type=args.loss, seq_len=args.seq_len,
+                    beta=args.beta, label_smoothing=args.label_smoothing, loss_type=args.loss, nll_coef=args.nll_coef,
+                    seq_len=args.seq_len,
                     ref=args.ref, epochs=args.epochs, dtype=args.dtype, tokenizer=args.tokenizer, lora=lora,
                     train=train)
     run_dpo(cfg, resume=args.resume)
@@ -325,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference model")
     p.add_argument("--loss", choices=["sigmoid", "ipo"], default="sigmoid", help="DPO (sigmoid) or IPO")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO: assumed label noise")
+    p.add_argument("--nll-coef", type=float, default=0.0, help="add this times the chosen responses' NLL (RPO)")
     p.add_argument("--ref", choices=["precompute", "live"], default="precompute",
                    help="reference log-probs computed once before training, or by a frozen model every step")
     p.set_defaults(fn=cmd_dpo)

@@ -9,7 +9,9 @@ Loss per pair, h = (logp_c - ref_c) - (logp_r - ref_r):
     sigmoid (DPO):          -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
                             (eps = label_smoothing > 0: conservative DPO, cDPO)
     ipo (Azar et al. 2023): (h - 1 / (2 beta))^2 with log-probs averaged over response tokens (TRL's choice)
-plus aux_coef * load balancing + z_coef * router z-loss over the policy's real (chosen and rejected) tokens.
+plus aux_coef * load balancing + z_coef * router z-loss over the policy's real (chosen and rejected) tokens,
+and optionally nll_coef * the chosen responses' per-token NLL (RPO, Pang et al. 2024; TRL's rpo_alpha), which
+keeps DPO from lowering the likelihood of the good answers along with the bad.
 Rewards: beta (logp - ref) of chosen and rejected; margin = their difference; accuracy = P(margin > 0)
 (0 at the start, where policy = reference); logp_accuracy = P(logp_c > logp_r), comparable before/after.
 
@@ -105,6 +107,7 @@ class DPOObjective:
     aux_coef: float = 0.01
     z_coef: float = 0.001
     reference: object | None = None
+    nll_coef: float = 0.0
 
     def reference_logps(self, model, batch: dict) -> torch.Tensor:
         if "ref_logps" in batch:
@@ -131,8 +134,8 @@ class DPOObjective:
         aux = load_balancing_loss(router_logits, top_k, valid)
         z = router_z_loss(router_logits, valid)
         dpo = losses.mean()
-        loss = dpo + self.aux_coef * aux + self.z_coef * z
         chosen_nll = -(logps[:P] * (n_resp[:P] if self.loss_type == "ipo" else 1)).sum() / n_resp[:P].sum()
+        loss = dpo + self.aux_coef * aux + self.z_coef * z + (self.nll_coef * chosen_nll if self.nll_coef else 0.0)
         metrics = {"dpo": dpo.detach(), "ce": chosen_nll.detach(), "aux": aux.detach(), "z": z.detach(),
                    **reward_metrics(chosen_r, rejected_r),
                    "logp_accuracy": (logps[:P] > logps[P:]).float().mean().detach(),
@@ -359,6 +362,7 @@ class DPOConfig:
     beta: float = 0.1
     label_smoothing: float = 0.0
     loss_type: str = "sigmoid"
+    nll_coef: float = 0.0  # + nll_coef * NLL of the chosen responses (RPO)
     seq_len: int | None = None  # tokens per sequence at most, sets train.seq_len (None: the model's context, <= 2048)
     ref: str = "precompute"  # or "live": a frozen reference scores every batch
     epochs: float = 1.0
@@ -376,6 +380,8 @@ class DPOConfig:
             raise ValueError(f"unknown DPO loss {self.loss_type!r}; choose among {', '.join(LOSS_TYPES)}")
         if self.ref not in ("precompute", "live"):
             raise ValueError(f"ref must be 'precompute' or 'live', got {self.ref!r}")
+        if self.nll_coef < 0:
+            raise ValueError(f"nll_coef must be >= 0, got {self.nll_coef}")
         if self.loss_type == "ipo" and self.label_smoothing:
             raise ValueError("label_smoothing applies to the sigmoid (DPO) loss, not to ipo")
 
@@ -442,13 +448,15 @@ def build_dpo(cfg: DPOConfig, resume: bool = False, callbacks: list[Callable] | 
             reference = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.lora is not None:
         apply_lora(model, cfg.lora, seed=t.seed)
-    objective = DPOObjective(cfg.beta, cfg.label_smoothing, cfg.loss_type, t.aux_coef, t.z_coef, reference)
+    objective = DPOObjective(cfg.beta, cfg.label_smoothing, cfg.loss_type, t.aux_coef, t.z_coef, reference,
+                             cfg.nll_coef)
     batches = PairBatches(train_ex, t.batch_size, t.seed, tok.eos_id, train_ref)
     t = steps_for_epochs(t, cfg.epochs, len(train_ex))
     evaluate = DPOEval(val_ex, val_ref, objective, t.batch_size, tok.eos_id, t.progress) if val_ex else None
     info = {"kind": "dpo", "reference_model": str(Path(cfg.model).resolve()), "data": str(Path(cfg.data).resolve()),
             "train_pairs": dataclasses.asdict(stats), "val_pairs": dataclasses.asdict(val_stats) if val_stats else None,
             "beta": cfg.beta, "loss_type": cfg.loss_type, "label_smoothing": cfg.label_smoothing, "ref": cfg.ref,
+            "nll_coef": cfg.nll_coef,
             "lora": dataclasses.asdict(cfg.lora) if cfg.lora is not None else None}
     trainer = Trainer(model, dataclasses.replace(t, export=False), batches, objective, evaluate, tok,
                       batch_weight=lambda b: b["tokens"].shape[0] / 2, run_info=info,

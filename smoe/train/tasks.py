@@ -6,6 +6,9 @@ and each task also has a plausible wrong answer (another element, a near sum, a 
 for preference pairs. Prompts are split into train and held-out sets with no prompt in both.
 
     python -m smoe.train.tasks runs/instruct-data     # sft_train.jsonl sft_val.jsonl dpo_train.jsonl dpo_val.jsonl
+
+The preference pairs are made on prompts the SFT data does not hold (as with real data, where the
+preference set is collected separately), and both held-out files share the same held-out prompts.
 """
 
 from __future__ import annotations
@@ -92,14 +95,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def write_task_files(out: str | Path, n_train: int = 4000, n_val: int = 200, seed: int = 0) -> dict[str, Path]:
-    """Write sft_train/sft_val (chats) and dpo_train/dpo_val (pairs) JSONL files into `out`."""
+def write_task_files(out: str | Path, n_train: int = 4000, n_val: int = 200, n_pairs: int = 2000, seed: int = 0
+                     ) -> dict[str, Path]:
+    """Write sft_train/sft_val (chats) and dpo_train/dpo_val (pairs) JSONL files into `out`; the n_pairs
+    training pairs are on prompts outside sft_train, the held-out prompts are in neither."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    train, val = make_tasks(n_train, n_val, seed)
-    return {"sft_train": write_jsonl(out / "sft_train.jsonl", [chat(p, a) for p, a, _ in train]),
+    train, val = make_tasks(n_train + n_pairs, n_val, seed)
+    sft, pref = train[:n_train], train[n_train:]
+    return {"sft_train": write_jsonl(out / "sft_train.jsonl", [chat(p, a) for p, a, _ in sft]),
             "sft_val": write_jsonl(out / "sft_val.jsonl", [chat(p, a) for p, a, _ in val]),
-            "dpo_train": write_jsonl(out / "dpo_train.jsonl", [pair(*x) for x in train]),
+            "dpo_train": write_jsonl(out / "dpo_train.jsonl", [pair(*x) for x in pref]),
             "dpo_val": write_jsonl(out / "dpo_val.jsonl", [pair(*x) for x in val])}
 
 
@@ -108,9 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("out")
     ap.add_argument("--train", type=int, default=4000)
     ap.add_argument("--val", type=int, default=200)
+    ap.add_argument("--pairs", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    for name, path in write_task_files(args.out, args.train, args.val, args.seed).items():
+    for name, path in write_task_files(args.out, args.train, args.val, args.pairs, args.seed).items():
         print(f"{name}: {path}")
 
 
