@@ -3,7 +3,8 @@
 The thread takes queued commands (add, abort) before every step, runs steps while any request is
 unfinished and sleeps on an event otherwise. Each request's callback runs on the engine thread (a
 server hands the output over to its event loop from there). If a step raises, every unfinished
-request gets the exception and the engine carries on with an empty batch.
+request gets the exception and the engine carries on with an empty batch. A server sets `dispatch`
+to hand a whole step's outputs to its event loop at once (one wake-up per step, not per token).
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ from smoe.generation import SamplingParams
 log = logging.getLogger("smoe.engine")
 
 OnOutput = Callable[[StepOutput | BaseException], None]
+Deliveries = list[tuple[OnOutput, StepOutput | BaseException]]
+
+
+def call_all(deliveries: Deliveries) -> None:
+    for cb, out in deliveries:
+        cb(out)
 
 
 class AsyncEngine:
@@ -37,6 +44,7 @@ class AsyncEngine:
         self._callbacks: dict[str, OnOutput] = {}
         self._stop = False
         self._thread: threading.Thread | None = None
+        self.dispatch: Callable[[Deliveries], None] = call_all  # runs on the engine thread
         self.stats = dataclasses.replace(engine.stats)  # a snapshot, replaced after every step
 
     @classmethod
@@ -93,11 +101,12 @@ class AsyncEngine:
     # ---- engine thread --------------------------------------------------------------------------
 
     def _take_commands(self) -> None:
+        failed: Deliveries = []
         while True:
             try:
                 cmd = self._cmds.get_nowait()
             except queue.Empty:
-                return
+                break
             if cmd[0] == "add":
                 _, rid, ids, params, cb = cmd
                 with self._lock:
@@ -106,10 +115,12 @@ class AsyncEngine:
                     self.engine.add_request(ids, params, rid)
                     self._callbacks[rid] = cb
                 except ValueError as e:
-                    cb(e)
+                    failed.append((cb, e))
             else:
                 self._callbacks.pop(cmd[1], None)
                 self.engine.abort(cmd[1])
+        if failed:
+            self.dispatch(failed)
 
     def _run(self) -> None:
         engine = self.engine
@@ -126,25 +137,30 @@ class AsyncEngine:
                 outputs = engine.step()
             except Exception as e:  # a failed step fails its requests, not the server
                 log.exception("engine step failed; aborting %d requests", len(engine.seqs))
-                for rid in list(engine.seqs):
-                    engine.abort(rid)
-                    cb = self._callbacks.pop(rid, None)
-                    if cb is not None:
-                        cb(e)
+                self._fail_all(e)
                 continue
+            deliveries: Deliveries = []
             for out in outputs:
                 cb = self._callbacks.get(out.request_id)
                 if out.finish_reason is not None:
                     self._callbacks.pop(out.request_id, None)
                 if cb is not None:
-                    cb(out)
+                    deliveries.append((cb, out))
             self.stats = dataclasses.replace(engine.stats)
-        for rid in list(engine.seqs):
-            engine.abort(rid)
+            if deliveries:
+                self.dispatch(deliveries)
+        self._fail_all(RuntimeError("the engine shut down"))
+        self.stats = dataclasses.replace(self.engine.stats)
+
+    def _fail_all(self, error: BaseException) -> None:
+        failed: Deliveries = []
+        for rid in list(self.engine.seqs):
+            self.engine.abort(rid)
             cb = self._callbacks.pop(rid, None)
             if cb is not None:
-                cb(RuntimeError("the engine shut down"))
-        self.stats = dataclasses.replace(engine.stats)
+                failed.append((cb, error))
+        if failed:
+            self.dispatch(failed)
 
     def snapshot(self) -> EngineStats:
         return self.stats

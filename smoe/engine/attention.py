@@ -40,6 +40,7 @@ class PagedAttention:
         self.write_slots = torch.tensor(write, dtype=torch.long).to(device)
         self.n_dec = n_dec
         self.dec_slots = self.dec_mask = None
+        self.dec_shape: tuple[int, ...] = ()
         if n_dec:
             dec = slices[:n_dec]
             ctx = torch.tensor([s.start + 1 for s in dec])  # keys after writing this step's token
@@ -51,7 +52,9 @@ class PagedAttention:
             valid = kpos < ctx[:, None]
             kpos = torch.minimum(kpos, ctx[:, None] - 1)
             slots = tables.gather(1, kpos // bs) * bs + kpos % bs
-            self.dec_slots, self.dec_mask = slots.to(device), valid[:, None, None, :].to(device)  # (S, 1, 1, L)
+            self.dec_shape = tuple(slots.shape)
+            self.dec_slots = slots.reshape(-1).to(device)  # (S * L,): index_select is far faster than [slots]
+            self.dec_mask = valid[:, None, None, :].to(device)  # (S, 1, 1, L)
         self.prefills: list[tuple[torch.Tensor, torch.Tensor]] = []
         for s in slices[n_dec:]:
             first = max(0, s.start - window + 1) if window else 0
@@ -73,14 +76,15 @@ class PagedAttention:
         outs = []
         if self.n_dec:
             q_SH1d = q[0, :, : self.n_dec].transpose(0, 1)[:, :, None]
-            k_SHLd = kc[self.dec_slots].permute(0, 2, 1, 3)
-            v_SHLd = vc[self.dec_slots].permute(0, 2, 1, 3)
+            shape = (*self.dec_shape, *kc.shape[1:])  # (S, L, Hkv, hd)
+            k_SHLd = kc.index_select(0, self.dec_slots).view(shape).permute(0, 2, 1, 3)
+            v_SHLd = vc.index_select(0, self.dec_slots).view(shape).permute(0, 2, 1, 3)
             o_SH1d = sdpa(q_SH1d, k_SHLd, v_SHLd, self.dec_mask)
             outs.append(o_SH1d[:, :, 0].transpose(0, 1)[None])  # (1, H, S, hd)
         row = self.n_dec
         for (slots, mask), n in zip(self.prefills, self.rows):
-            k_1HLd = kc[slots].transpose(0, 1)[None]
-            v_1HLd = vc[slots].transpose(0, 1)[None]
+            k_1HLd = kc.index_select(0, slots).transpose(0, 1)[None]
+            v_1HLd = vc.index_select(0, slots).transpose(0, 1)[None]
             outs.append(sdpa(q[:, :, row: row + n], k_1HLd, v_1HLd, mask))
             row += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

@@ -241,6 +241,8 @@ class Engine:
             targets = torch.tensor(seq.prompt[lo + 1: lo + 1 + count], device=logits_RV.device)
             chosen, top_ids, top_lp = token_logprobs(logits_RV[r: r + count], targets, seq.params.prompt_logprobs)
             seq.prompt_logprobs += _pairs(chosen, top_ids, top_lp)
+        if sample_at == list(range(len(rows))):  # every row samples, in order (decode steps)
+            return samplers, logits_RV
         idx = torch.tensor(sample_at, dtype=torch.long, device=logits_RV.device)
         return samplers, logits_RV.index_select(0, idx)
 

@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from smoe.engine.async_engine import AsyncEngine
+from smoe.engine.async_engine import AsyncEngine, call_all
 from smoe.engine.engine import StepOutput
 from smoe.generation import SamplingParams
 from smoe.serve.metrics import Metrics
@@ -75,19 +75,18 @@ class _Run:
         self.done = [False] * len(choices)
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        def deliver(i: int, out: StepOutput | BaseException) -> None:  # runs on the event loop (see dispatch)
+            self.queue.put_nowait((i, out))
 
-        def deliver(i: int, out: StepOutput | BaseException) -> None:  # runs on the engine thread
-            try:
-                loop.call_soon_threadsafe(self.queue.put_nowait, (i, out))
-            except RuntimeError:  # the event loop is gone (shutdown)
-                pass
-
+        added = 0
         try:
             for i, (c, p) in enumerate(zip(self.choices, self.params)):
                 self.engine.add(self.ids[i], c.prompt_ids, p, functools.partial(deliver, i))
-        except ValueError as e:
-            self.abort()
+                added += 1
+        except ValueError as e:  # a request the engine cannot run: nothing of it stays behind
+            for rid in self.ids[:added]:
+                self.engine.abort(rid)
+            self.done = [True] * len(self.ids)
             raise APIError(400, str(e)) from None
 
     def abort(self) -> None:
@@ -96,6 +95,8 @@ class _Run:
             if not self.done[i]:
                 self.done[i] = True
                 self.engine.abort(rid)
+                self.choices[i].finish_reason = "abort"
+                self.metrics.request_done("abort", len(self.choices[i].prompt_ids), time.monotonic() - self.t0)
 
     async def events(self) -> AsyncIterator[tuple[int, StepOutput]]:
         """(choice index, output) until every sequence has finished; records them into the choices."""
@@ -155,6 +156,12 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _sse_choice(head: dict):
+    """An event maker for {**head, "choices": [choice]} that serializes the fixed head only once."""
+    prefix = "data: " + json.dumps(head, ensure_ascii=False)[:-1] + ', "choices": ['
+    return lambda choice: prefix + json.dumps(choice, ensure_ascii=False) + "]}\n\n"
+
+
 async def _wait_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -169,6 +176,15 @@ def build_app(engine: AsyncEngine, options: ServerOptions) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+
+        def dispatch(deliveries) -> None:  # engine thread: one wake-up of the event loop per step
+            try:
+                loop.call_soon_threadsafe(call_all, deliveries)
+            except RuntimeError:  # the event loop is gone (shutdown)
+                pass
+
+        engine.dispatch = dispatch
         engine.start()
         yield
         engine.shutdown()
@@ -336,6 +352,8 @@ def build_app(engine: AsyncEngine, options: ServerOptions) -> FastAPI:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
+            event = _sse_choice(head)
+
             async def stream():
                 sent_echo = [False] * len(choices)
                 offsets = [0] * len(choices)
@@ -353,8 +371,7 @@ def build_app(engine: AsyncEngine, options: ServerOptions) -> FastAPI:
                                           if out.logprob is not None else [])
                             lp = completion_logprobs(part, echo and out.prompt_logprobs is not None, offsets[i])
                             offsets[i] += sum(len(t) for t in lp["tokens"])
-                        yield _sse({**head, "choices": [{"index": i, "text": text, "logprobs": lp,
-                                                         "finish_reason": out.finish_reason}]})
+                        yield event({"index": i, "text": text, "logprobs": lp, "finish_reason": out.finish_reason})
                     if include_usage:
                         yield _sse({**head, "choices": [], "usage": run.usage()})
                 except APIError as e:
@@ -414,19 +431,19 @@ def build_app(engine: AsyncEngine, options: ServerOptions) -> FastAPI:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             chunk = {**head, "object": "chat.completion.chunk"}
+            event = _sse_choice(chunk)
 
             async def stream():
                 try:
                     for i in range(len(choices)):
-                        yield _sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                          "logprobs": None, "finish_reason": None}]})
+                        yield event({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                     "finish_reason": None})
                     async for i, out in run.events():
                         lp = None
                         if req.logprobs and out.logprob is not None:
                             lp = chat_logprobs([(out.token, out.logprob, out.top_logprobs)], top_n)
                         delta = {"content": out.text} if out.text or out.finish_reason is None else {}
-                        yield _sse({**chunk, "choices": [{"index": i, "delta": delta, "logprobs": lp,
-                                                          "finish_reason": out.finish_reason}]})
+                        yield event({"index": i, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason})
                     if include_usage:
                         yield _sse({**chunk, "choices": [], "usage": run.usage()})
                 except APIError as e:
