@@ -5,7 +5,8 @@ A fixed, seeded request mix (random token-id prompts and output lengths, EOS ign
 request produces exactly its length) is sent as streaming completions by a light asyncio client;
 per request it records the time to the first token (TTFT) and the gaps between tokens (ITL).
 Throughput = output tokens / wall time of the whole run. transformers runs in this process after
-the server has stopped, with the same number of threads.
+the server has stopped, with the same number of threads. The client is a minimal raw-socket
+HTTP/1.1 one, so that it takes as little as possible of the CPU it shares with the server.
 
     .venv/bin/python benchmarks/serve.py                          # small preset, concurrency 1 8 32 64
     .venv/bin/python benchmarks/serve.py --preset tiny --concurrency 1 8 --requests 16 --hf-sequential 4
@@ -83,39 +84,74 @@ def start_server(model_dir: Path, threads: int, log: Path, extra: list[str]) -> 
     raise RuntimeError("smoe serve did not start")
 
 
+async def stream_events(host: str, port: int, body: bytes) -> list[float]:
+    """POST a streaming completion over a raw connection; the arrival time of every SSE event.
+
+    A minimal HTTP/1.1 client (chunked transfer, one connection per request): on a 2-core machine
+    the client shares the CPU with the server, so it should cost as little as possible.
+    """
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (host.encode(), len(body), body))
+    await writer.drain()
+    status = await reader.readline()
+    if b" 200 " not in status:
+        raise RuntimeError(f"server answered {status!r}: {await reader.read(2000)!r}")
+    while (await reader.readline()) not in (b"\r\n", b""):
+        pass  # headers
+    times: list[float] = []
+    while True:  # chunked body: size line, data, CRLF
+        size = int((await reader.readline()).strip() or b"0", 16)
+        if size == 0:
+            break
+        data = await reader.readexactly(size + 2)
+        times.extend([time.perf_counter()] * data.count(b"data: {"))
+    writer.close()
+    return times
+
+
 async def run_clients(url: str, mix: list[tuple[list[int], int]], concurrency: int) -> dict:
-    import httpx
+    host, port = url.removeprefix("http://").split(":")
     sem = asyncio.Semaphore(concurrency)
     ttfts, itls, tokens = [], [], 0
 
-    async def one(client: httpx.AsyncClient, prompt: list[int], m: int) -> None:
+    async def one(prompt: list[int], m: int) -> None:
         nonlocal tokens
-        body = {"model": "bench", "prompt": prompt, "max_tokens": m, "temperature": 0, "ignore_eos": True,
-                "stream": True}
+        body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": m, "temperature": 0,
+                           "ignore_eos": True, "stream": True}).encode()
         async with sem:
             t0 = time.perf_counter()
-            times = []
-            async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-                r.raise_for_status()
-                async for line in r.aiter_lines():
-                    if line.startswith("data: {"):
-                        times.append(time.perf_counter())
+            times = await stream_events(host, int(port), body)
             if len(times) != m:
                 raise RuntimeError(f"asked for {m} tokens, got {len(times)} events")
             ttfts.append(times[0] - t0)
             itls.extend(b - a for a, b in zip(times, times[1:]))
             tokens += m
 
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await one(client, mix[0][0][:8], 2)  # warm-up (also the first-request compile/alloc costs)
-        ttfts.clear()
-        itls.clear()
-        tokens = 0
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(client, p, m) for p, m in mix))
-        wall = time.perf_counter() - t0
+    await one(mix[0][0][:8], 2)  # warm-up
+    ttfts.clear()
+    itls.clear()
+    tokens = 0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(p, m) for p, m in mix))
+    wall = time.perf_counter() - t0
     return summarize(f"smoe serve, concurrency {concurrency}", len(mix), tokens, wall, ttfts, itls)
+
+
+@torch.inference_mode()
+def offline(model_dir: Path, mix: list[tuple[list[int], int]], max_seqs: int, dtype: torch.dtype, device: str,
+            kv: str | None) -> dict:
+    """The same requests through smoe.LLM in this process (the engine without HTTP), max_seqs at a time."""
+    from smoe import LLM, SamplingParams
+    llm = LLM(model_dir, dtype=dtype, device=device, max_num_seqs=max_seqs, kv_cache_memory=kv)
+    llm.generate(mix[0][0][:8], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate([p for p, _ in mix], [SamplingParams(max_tokens=m, ignore_eos=True) for _, m in mix],
+                        use_tqdm=False)
+    wall = time.perf_counter() - t0
+    assert [len(o.tokens) for o in outs] == [m for _, m in mix]
+    del llm
+    return summarize(f"smoe LLM offline, {max_seqs} at a time", len(mix), sum(m for _, m in mix), wall, [], [])
 
 
 # ---- transformers ---------------------------------------------------------------------------------
@@ -221,6 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--layers", type=int, default=None, help="change the preset's number of layers")
     p.add_argument("--kv-cache-memory", default=None, help="the server's KV cache size (default: its own)")
     p.add_argument("--server-args", default="", help="extra `smoe serve` arguments")
+    p.add_argument("--offline", type=int, nargs="*", default=[32],
+                   help="also run the engine without HTTP (smoe.LLM) at these concurrencies")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/benchmarks/serve.json")
     args = p.parse_args(argv)
@@ -253,6 +291,11 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
+        for c in args.offline:
+            n = min(len(mix), max(args.min_requests, 2 * c))
+            row = offline(model_dir, mix[:n], c, dtype, args.device, args.kv_cache_memory)
+            print(f"  {row['name']}: {row['tok_s']:.1f} tok/s", flush=True)
+            rows.append(row)
         hf = hf_model(model_dir, dtype, args.device)
         base = hf_one_at_a_time(hf, mix[: args.hf_sequential])
         print(f"  {base['name']}: {base['tok_s']:.1f} tok/s", flush=True)
