@@ -132,19 +132,19 @@ class GroupedMoE(torch.autograd.Function):
         segs, E = ctx.segs, w1_EHD.shape[0]
         need_x, need_w1, need_w2, need_w3, need_weights = ctx.needs_input_grad[:5]
         g_SD = g_ND.contiguous().index_select(0, token_S)
-        sig_SH = torch.sigmoid(a1_SH)
-        silu_SH = a1_SH * sig_SH
+        # elementwise passes over S x H are what costs beyond the matmuls (bf16 ones especially): keep them few
+        silu_SH = F.silu(a1_SH)
         h_SH = silu_SH * a3_SH  # unweighted expert hidden
         dh_SH = segment_mm_t(g_SD, w2_EDH, segs)  # dL/d(w h): [S, D] @ [D, H]
         d_weights = None
         if need_weights:
-            dw_S = (dh_SH * h_SH).sum(-1)
+            dw_S = torch.linalg.vecdot(dh_SH, h_SH)
             d_weights = torch.empty_like(dw_S).index_copy_(0, order_S, dw_S)
             d_weights = d_weights.view(ctx.weights_shape).to(ctx.weights_dtype)
         d_w2 = segment_wgrad(g_SD, h_SH.mul_(w_S[:, None]), segs, E) if need_w2 else None
         dh_SH.mul_(w_S[:, None])  # dL/dh
-        da3_SH = dh_SH * silu_SH
-        da1_SH = dh_SH.mul_(a3_SH).mul_(sig_SH * (1 + a1_SH * (1 - sig_SH)))  # silu'(a) = s (1 + a (1 - s))
+        da3_SH = silu_SH.mul_(dh_SH)
+        da1_SH = torch.ops.aten.silu_backward(dh_SH.mul_(a3_SH), a1_SH)
         x_SD = x_ND.index_select(0, token_S)
         d_w1 = segment_wgrad(da1_SH, x_SD, segs, E) if need_w1 else None
         d_w3 = segment_wgrad(da3_SH, x_SD, segs, E) if need_w3 else None
