@@ -30,6 +30,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, api_key: str
     log.info("KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens); up to %d sequences, %d tokens per step",
              e.pool.n_blocks, e.pool.block_size, e.pool.n_blocks * e.pool.block_size * e.kv_bytes_per_token() / 2**20,
              e.pool.n_blocks * e.pool.block_size, e.config.max_num_seqs, e.config.max_num_batched_tokens)
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     app = build_app(engine, ServerOptions(served_model_name or model, api_key=api_key, max_queue=max_queue))
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
                             timeout_graceful_shutdown=drain_timeout)
