@@ -175,3 +175,23 @@ def test_cancelled_streams_free_their_blocks(server, client):
     assert m["smoe_kv_blocks_used"] == 0 and m["smoe_running_sequences"] == 0
     assert m['smoe_request_finished_total{finish_reason="abort"}'] == before + 4
     assert client.completions.create(model=MODEL, prompt="still alive", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_echo_logprobs_serve_lm_eval_loglikelihood(server, model_dir):
+    """lm-eval's local-completions scores a continuation with echo + logprobs; its parser reads ours."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    context, continuation = TOK.encode("The capital of France is"), TOK.encode(" Paris", bos=False)
+    ids = context + continuation
+    body = {"model": MODEL, "prompt": [ids], "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0,
+            "seed": 1234}
+    out = httpx.post(f"{server.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
+                     timeout=60).json()
+    lp = out["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == len(ids) + 1 and lp["token_logprobs"][0] is None
+    [(total, greedy)] = LocalCompletionsAPI.parse_logprobs(out, ctxlens=[len(context)])
+    model = Transformer.from_pretrained(model_dir, dtype=torch.float64)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids]))[0], -1)
+    ref = sum(logp[i - 1, ids[i]].item() for i in range(len(context), len(ids)))
+    assert total == pytest.approx(ref, abs=1e-6)
+    assert greedy == all(logp[i - 1].argmax().item() == ids[i] for i in range(len(context), len(ids)))
