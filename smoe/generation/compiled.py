@@ -20,6 +20,8 @@ from torch.overrides import TorchFunctionMode
 
 # linears with at most this many rows become reductions inside the compiled step
 GEMV_MAX_ROWS = 1
+# on the CPU, batches up to this size decode through torch.compile (single-row reductions); larger ones eagerly
+CPU_COMPILE_MAX_BATCH = 1
 # the static cache length is rounded up to a multiple of this, so prompts of similar length share a graph
 STATIC_LEN_MULTIPLE = 256
 
@@ -124,12 +126,15 @@ _compiled = CompiledStep()
 _graphed = CUDAGraphStep()
 
 
-def decode_step(compile: bool, device: torch.device | str = "cpu") -> Step:
-    """The step function the generation loop calls once per new token: eager, or with compile=True
-    torch.compile on the CPU and a replayed CUDA graph on CUDA."""
+def decode_step(compile: bool, device: torch.device | str = "cpu", batch_size: int = 1) -> Step:
+    """The step function the generation loop calls once per new token: eager, or with compile=True a
+    replayed CUDA graph on CUDA and torch.compile on the CPU for batches up to CPU_COMPILE_MAX_BATCH
+    (beyond it the compiled step measured no faster than eager: benchmarks/decode.py)."""
     if not compile:
         return eager_step
-    return _graphed if torch.device(device).type == "cuda" else _compiled
+    if torch.device(device).type == "cuda":
+        return _graphed
+    return _compiled if batch_size <= CPU_COMPILE_MAX_BATCH else eager_step
 
 
 def static_len(n: int, limit: int) -> int:

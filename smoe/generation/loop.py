@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from smoe.generation.compiled import decode_step, static_len
+from smoe.generation.compiled import decode_step, eager_step, static_len
 from smoe.generation.sampling import SamplingParams, make_generator, sample
 from smoe.model.attention import KVCache
 from smoe.tokenizer import IncrementalDecoder, Tokenizer
@@ -126,8 +126,8 @@ def stream(model, prompts, params: SamplingParams | None = None, tokenizer: Toke
     tokens, valid, positions = tokens.to(device), valid.to(device), positions.to(device)
     all_valid = bool(valid.all())
 
-    step_fn = decode_step(compile, device)
-    if compile:  # fixed shapes: a whole-buffer cache whose length is shared by prompts of similar length
+    step_fn = decode_step(compile, device, B)
+    if step_fn is not eager_step:  # fixed shapes: a whole-buffer cache, its length shared by similar prompts
         cache = KVCache.for_model(model, B, static_len(T + max_new, cfg.max_seq_len), static=True)
     else:
         cache = KVCache.for_model(model, B, T + max_new)
