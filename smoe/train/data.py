@@ -198,7 +198,10 @@ def prepare(inputs: list[str | os.PathLike], tokenizer, out: str | os.PathLike, 
                 results = map(_encode_file, job_list)
                 pool = None
             else:
-                pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(str(tok_dir),))
+                # fork where there is one: workers start at once and, unlike spawn, do not re-run the caller's
+                # script (they use no torch, so the parent's threads do not matter)
+                ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+                pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok_dir),))
                 results = pool.imap(_encode_file, job_list, chunksize=4)
             bar = tqdm(total=total_bytes, desc="tokenizing", unit="B", unit_scale=True, disable=not progress,
                        **bar_kwargs())

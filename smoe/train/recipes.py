@@ -28,7 +28,7 @@ class Recipe:
 
 
 # The quickstart's shape, chosen by measurement on 2 CPU cores (docs/training.md): 8 experts, top-2.
-QUICKSTART_MODEL = ModelConfig(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, hidden_dim=384, n_experts=8, top_k=2,
+QUICKSTART_MODEL = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=256, n_experts=8, top_k=2,
                                vocab_size=4096, max_seq_len=256, rope_theta=10000.0)
 
 

@@ -267,6 +267,7 @@ class Trainer:
         window: list[dict] = []
         t_window = 0.0  # seconds spent in the steps of the window (evaluation and saving excluded)
         calib_from: tuple[int, float] | None = None
+        auto_steps = budget_s is not None and not cfg.max_steps  # steps = what fits the budget
         stop_reason = "max_steps"
         try:
             while self.max_steps is None or self.step < self.max_steps:
@@ -277,17 +278,8 @@ class Trainer:
                 window.append(self.train_step())
                 t_window += time.perf_counter() - t_step
                 bar.update(1)
-                if self.max_steps is None:  # fit the budget: measure a few steps after warm-up, then fix it
-                    if self.step == 2:
-                        calib_from = (self.step, self.elapsed_now())
-                    elif calib_from and self.step == calib_from[0] + 5:
-                        per_step = (self.elapsed_now() - calib_from[1]) / 5
-                        eval_s = (self.history["last_eval"] or {}).get("eval_s", 0.0)
-                        per_step += eval_s / cfg.eval_every
-                        left = budget_s - self.elapsed_now() - eval_s
-                        self.max_steps = max(self.step + 1, self.step + int(left / per_step))
-                        bar.total = self.max_steps
-                        bar.write(f"{per_step:.2f} s/step measured: training {self.max_steps} steps in the budget")
+                if auto_steps:
+                    calib_from = self._fit_budget(calib_from, budget_s, bar)
                 if self.step % cfg.log_every == 0 or self.step == self.max_steps:
                     rec = self._record(window, t_window, flops_tok)
                     window, t_window = [], 0.0
@@ -326,6 +318,28 @@ class Trainer:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed_now(),
                 "checkpoint": str(where), "final": str(final) if final else None, "stop_reason": stop_reason,
                 "history": self.history, "peak_flops": self.peak_flops}
+
+    def _fit_budget(self, calib_from: tuple[int, float] | None, budget_s: float, bar) -> tuple[int, float] | None:
+        """Set max_steps to what fits the time budget: first after 5 steps past warm-up, then re-estimated
+        every log_every steps from the speed so far (evaluations and saves included) until 60% of the run,
+        so the cosine schedule ends near the budget even when the machine's speed changes."""
+        if calib_from is None:
+            return (self.step, self.elapsed_now()) if self.step >= 2 else None
+        done = self.step - calib_from[0]
+        first = self.max_steps is None
+        if (first and done >= 5) or (not first and self.step % self.cfg.log_every == 0
+                                     and self.step < 0.6 * self.max_steps):
+            per_step = (self.elapsed_now() - calib_from[1]) / done
+            eval_s = (self.history["last_eval"] or {}).get("eval_s", 0.0)
+            if self.step < self.cfg.eval_every:  # no periodic evaluation measured in per_step yet
+                per_step += eval_s / self.cfg.eval_every
+            left = budget_s - self.elapsed_now() - eval_s
+            self.max_steps = max(self.step + 1, self.step + int(left / per_step))
+            bar.total = self.max_steps
+            if first:
+                bar.write(f"{per_step:.2f} s/step measured: about {self.max_steps} steps fit the budget "
+                          f"(re-estimated as training goes)")
+        return calib_from
 
     def _record(self, window: list[dict], seconds: float, flops_tok: float) -> dict:
         """Average a window of step metrics into one log record."""

@@ -170,3 +170,17 @@ def test_bf16_autocast_trains(tmp_path):
     Trainer(model, cfg, repeat([random_batch()]), callbacks=[lambda t, r: records.append(r)]).fit()
     assert all(math.isfinite(r["loss"]) for r in records) and records[-1]["loss"] < records[0]["loss"]
     assert model.output.weight.dtype == torch.float32  # float32 master weights
+
+
+def test_time_budget_sets_the_number_of_steps(tmp_path):
+    model = tiny_model(0).train()
+    cfg = quiet(tmp_path, max_steps=0, max_minutes=0.1, batch_size=4, seq_len=16, log_every=2)
+    trainer = Trainer(model, cfg, repeat([random_batch()]))
+    summary = trainer.fit()
+    assert summary["step"] >= 1
+    if summary["step"] >= 7:  # measured after 2 + 5 steps (a loaded machine may not get there)
+        assert trainer.max_steps is not None
+    assert summary["elapsed_s"] < 0.1 * 60 + 5.0  # stops at the budget (a step of slack)
+    assert summary["stop_reason"] in ("max_steps", "time budget")
+    with pytest.raises(ValueError, match="needs max_minutes"):
+        TrainConfig(max_steps=0).validate()
