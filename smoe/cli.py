@@ -148,8 +148,8 @@ def cmd_dpo(args) -> None:
     cfg = DPOConfig(model=args.model, data=args.data, val_data=args.val_data, val_fraction=args.val_fraction,
                     beta=args.beta, label_smoothing=args.label_smoothing, loss_type=args.loss, nll_coef=args.nll_coef,
                     seq_len=args.seq_len,
-                    ref=args.ref, epochs=args.epochs, dtype=args.dtype, tokenizer=args.tokenizer, lora=lora,
-                    train=train)
+                    ref=args.ref, epochs=args.epochs, exact_match=args.exact_match, dtype=args.dtype,
+                    tokenizer=args.tokenizer, lora=lora, train=train)
     run_dpo(cfg, resume=args.resume)
 
 
@@ -329,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nll-coef", type=float, default=0.0, help="add this times the chosen responses' NLL (RPO)")
     p.add_argument("--ref", choices=["precompute", "live"], default="precompute",
                    help="reference log-probs computed once before training, or by a frozen model every step")
+    p.add_argument("--exact-match", type=int, default=0, help="score greedy replies to N held-out prompts against "
+                   "the chosen response at each evaluation")
     p.set_defaults(fn=cmd_dpo)
 
     p = sub.add_parser("merge-adapters", help="merge saved LoRA adapters into their base model and export it")

@@ -42,7 +42,7 @@ from smoe.checkpoint.files import atomic_path, write_json
 from smoe.tokenizer import ChatFormatError, Tokenizer, check_messages
 from smoe.train.checkpoint import ResumeError, latest_checkpoint
 from smoe.train.losses import IGNORE, expert_load, load_balancing_loss, router_z_loss
-from smoe.train.sft import SFTDataError, finish, load_for_training, read_jsonl, split_heldout
+from smoe.train.sft import SFTDataError, before_after, exact_match, finish, load_for_training, read_jsonl, split_heldout
 from smoe.train.trainer import TrainConfig, Trainer
 
 REF_FILE = "reference_logps.safetensors"
@@ -308,7 +308,9 @@ class DPOEval:
     plus the chosen responses' per-token loss (the SFT objective, to see it is not wrecked)."""
 
     def __init__(self, examples: list[tuple], ref_logps: torch.Tensor, objective: DPOObjective,
-                 batch_size: int = 16, pad_id: int = 0, progress: bool = True):
+                 batch_size: int = 16, pad_id: int = 0, progress: bool = True,
+                 exact_match: list[tuple[list[dict], str]] | None = None, tokenizer: Tokenizer | None = None,
+                 max_new_tokens: int = 64):
         self.batches = []
         for i in range(0, len(examples), batch_size):
             idx = list(range(i, min(i + batch_size, len(examples))))
@@ -317,6 +319,7 @@ class DPOEval:
             self.batches.append(b)
         self.objective = dataclasses.replace(objective, reference=None)
         self.progress = progress
+        self.exact_match, self.tokenizer, self.max_new_tokens = exact_match or [], tokenizer, max_new_tokens
 
     @torch.no_grad()
     def __call__(self, model) -> dict:
@@ -331,12 +334,15 @@ class DPOEval:
                 sums[k] = sums.get(k, 0.0) + float(m[k]) * P
             n += P
         out = {f"val_{k}": v / n for k, v in sums.items()}
+        if self.exact_match:  # greedy replies equal to the chosen response: is the SFT skill kept?
+            out["val_exact_match"] = exact_match(model, self.tokenizer, self.exact_match, self.max_new_tokens)
         if self.progress:
             from tqdm import tqdm
             tqdm.write(f"held-out pairs: dpo loss {out['val_dpo']:.4f} | reward accuracy "
                        f"{out['val_reward_accuracy']:.3f} | margin {out['val_reward_margin']:.3f} | chosen "
                        f"{out['val_rewards_chosen']:.3f} rejected {out['val_rewards_rejected']:.3f} | "
-                       f"logp(chosen) > logp(rejected) {out['val_logp_accuracy']:.3f} | chosen ce {out['val_ce']:.4f}")
+                       f"logp(chosen) > logp(rejected) {out['val_logp_accuracy']:.3f} | chosen ce {out['val_ce']:.4f}"
+                       + (f" | exact match {out['val_exact_match']:.3f}" if self.exact_match else ""))
         return out
 
 
@@ -366,6 +372,8 @@ class DPOConfig:
     seq_len: int | None = None  # tokens per sequence at most, sets train.seq_len (None: the model's context, <= 2048)
     ref: str = "precompute"  # or "live": a frozen reference scores every batch
     epochs: float = 1.0
+    exact_match: int = 0  # held-out prompts whose greedy reply is compared with the chosen one (0: none)
+    max_new_tokens: int = 64
     dtype: str | None = None
     tokenizer: str | None = None
     lora: object | None = None  # a smoe.train.lora.LoRAConfig
@@ -452,7 +460,9 @@ def build_dpo(cfg: DPOConfig, resume: bool = False, callbacks: list[Callable] | 
                              cfg.nll_coef)
     batches = PairBatches(train_ex, t.batch_size, t.seed, tok.eos_id, train_ref)
     t = steps_for_epochs(t, cfg.epochs, len(train_ex))
-    evaluate = DPOEval(val_ex, val_ref, objective, t.batch_size, tok.eos_id, t.progress) if val_ex else None
+    em = [(p["prompt"], p["chosen"]) for p in val_pairs[:cfg.exact_match]] if cfg.exact_match else None
+    evaluate = DPOEval(val_ex, val_ref, objective, t.batch_size, tok.eos_id, t.progress, em, tok,
+                       cfg.max_new_tokens) if val_ex else None
     info = {"kind": "dpo", "reference_model": str(Path(cfg.model).resolve()), "data": str(Path(cfg.data).resolve()),
             "train_pairs": dataclasses.asdict(stats), "val_pairs": dataclasses.asdict(val_stats) if val_stats else None,
             "beta": cfg.beta, "loss_type": cfg.loss_type, "label_smoothing": cfg.label_smoothing, "ref": cfg.ref,
@@ -478,6 +488,8 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, callbacks: list[Callable] | No
           f"run directory {run_dir}")
     summary = trainer.fit()
     summary["final"] = finish(trainer, trainer.tokenizer, run_dir, data["export"])
+    print(before_after(run_dir, ["val_reward_accuracy", "val_reward_margin", "val_logp_accuracy", "val_ce",
+                                 "val_exact_match"]))
     if summary["final"]:
         print(f"preference-tuned model (HF layout + tokenizer): {summary['final']}")
     return summary

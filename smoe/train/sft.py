@@ -300,7 +300,20 @@ class SFTEval:
         out = {"val_loss": total / max(n, 1), "val_target_tokens": n}
         if self.exact_match:
             out["val_exact_match"] = exact_match(model, self.tokenizer, self.exact_match, self.max_new_tokens)
+            from tqdm import tqdm
+            tqdm.write(f"held-out exact match {out['val_exact_match']:.3f} ({len(self.exact_match)} prompts)")
         return out
+
+
+def before_after(run_dir: str | Path, keys: list[str]) -> str:
+    """'key first -> last' for held-out metrics of a run's first and last evaluation (metrics.jsonl)."""
+    from smoe.train.logs import read_records
+    evals = [r for r in read_records(run_dir) if r.get("kind") == "eval"]
+    if not evals:
+        return ""
+    first, last = evals[0], evals[-1]
+    parts = [f"{k.removeprefix('val_')} {first[k]:.4g} -> {last[k]:.4g}" for k in keys if k in first and k in last]
+    return f"held-out, step {first['step']} -> {last['step']}: " + ", ".join(parts)
 
 
 def normalize_answer(text: str) -> str:
@@ -475,10 +488,11 @@ def run_sft(cfg: SFTConfig, resume: bool = False, callbacks: list[Callable] | No
     write_json(run_dir / "sft_config.json", json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
     n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in trainer.model.parameters())
-    print(f"fine-tuning {n_train / 1e6:.3f}M of {n_all / 1e6:.2f}M parameters "
+    print(f"fine-tuning {n_train / 1e6:.3f}M of {n_all / 1e6:.3f}M parameters "
           f"({'LoRA' if cfg.lora is not None else 'full'}) for {trainer.max_steps} steps; run directory {run_dir}")
     summary = trainer.fit()
     summary["final"] = finish(trainer, trainer.tokenizer, run_dir, data["export"])
+    print(before_after(run_dir, ["val_loss", "val_exact_match"]))
     if summary["final"]:
         print(f"fine-tuned model (HF layout + tokenizer): {summary['final']}")
     return summary

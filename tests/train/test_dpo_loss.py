@@ -216,3 +216,28 @@ def test_long_prompts_are_skipped_and_long_responses_cut(tok):
     examples, stats = tokenize_pairs(tok, pairs, seq_len=48)
     assert (stats.used, stats.truncated, stats.skipped_too_long) == (2, 1, 1)
     assert max(len(e[0]) for e in examples) == 48
+
+
+def test_dpo_with_lora_uses_the_base_weights_as_a_live_reference(tmp_path):
+    from smoe.train.dpo import build_dpo
+    from smoe.train.lora import LoRAConfig, adapter_state
+    model = base_model(tmp_path / "base", dim=32, hidden_dim=64)
+    data = _write_pairs(tmp_path / "pairs.jsonl", PAIRS * 4)
+    t = TrainConfig(out_dir=str(tmp_path / "run"), max_steps=3, lr=1e-2, warmup_steps=0, batch_size=2, log_every=1,
+                    eval_every=10**6, save_every=10**6, tensorboard=False, plots=False, progress=False)
+    trainer, _ = build_dpo(DPOConfig(model=str(model), data=str(data), val_fraction=0.25, seq_len=64, ref="live",
+                                     lora=LoRAConfig(rank=2), train=t))
+    policy = trainer.model
+    base_before = {k: v.clone() for k, v in policy.state_dict().items() if k not in adapter_state(policy)}
+    batch = next(iter(trainer.batches))
+    from smoe.checkpoint import load_model
+    start = load_model(model)
+    records = []
+    trainer.callbacks.append(lambda tr, r: records.append(r))
+    trainer.fit()
+    # the reference (adapters off) is exactly the starting checkpoint, before and after training
+    from smoe.train.dpo import score
+    assert "ref_logps" not in batch
+    torch.testing.assert_close(trainer.objective.reference_logps(policy, batch), score(start, batch), rtol=0, atol=1e-5)
+    assert all(torch.equal(policy.state_dict()[k], v) for k, v in base_before.items())
+    assert records[0]["reward_margin"] == pytest.approx(0.0, abs=1e-5) and records[-1]["reward_margin"] != 0
