@@ -380,6 +380,8 @@ def finetune_config(defaults: TrainConfig, sets: list[str] | None = None, **fiel
     from smoe.model.config import ModelConfig
     from smoe.train.recipes import Recipe, apply_overrides
     t = dataclasses.replace(defaults, **{k: v for k, v in fields.items() if v is not None})
+    by_epochs = t.max_steps == 0 and not t.max_minutes  # max_steps comes from the epochs once the data is read
+    t = dataclasses.replace(t, max_steps=t.max_steps or 1)  # (validate the rest meanwhile)
     if sets:
         dummy = ModelConfig()
         r = apply_overrides(Recipe("finetune", "", dummy, t), sets)
@@ -387,8 +389,9 @@ def finetune_config(defaults: TrainConfig, sets: list[str] | None = None, **fiel
             raise ValueError(f"{', '.join(sets)}: fine-tuning keeps the checkpoint's model; only training settings "
                              f"can be set")
         t = r.train
+        by_epochs &= not any(s.split("=", 1)[0].rpartition(".")[2] in ("max_steps", "max_minutes") for s in sets)
     t.validate()
-    return t
+    return dataclasses.replace(t, max_steps=0) if by_epochs else t
 
 
 def split_heldout(items: list, fraction: float, seed: int) -> tuple[list, list]:

@@ -203,3 +203,36 @@ def test_sft_run_resumes_exactly(tmp_path):
     resumed = run(tmp_path / "cut", 4, resume=True)
     a, b = load_model(full["final"]).state_dict(), load_model(resumed["final"]).state_dict()
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+
+
+def test_finetune_settings_from_the_command_line():
+    from smoe.train.sft import SFT_TRAIN, finetune_config
+    t = finetune_config(SFT_TRAIN, ["warmup_steps=5", "autocast=bf16"], out_dir="x", lr=None, batch_size=4)
+    assert (t.max_steps, t.warmup_steps, t.autocast, t.lr, t.batch_size, t.out_dir) == (0, 5, "bf16", 1e-4, 4, "x")
+    assert finetune_config(SFT_TRAIN, ["max_steps=7"]).max_steps == 7  # then the epochs do not count
+    assert finetune_config(SFT_TRAIN, max_steps=9).max_steps == 9
+    with pytest.raises(ValueError, match="keeps the checkpoint's model"):
+        finetune_config(SFT_TRAIN, ["model.dim=3"])
+    with pytest.raises(ValueError, match="unknown override"):
+        finetune_config(SFT_TRAIN, ["nonsense=1"])
+
+
+def test_smoe_sft_by_epochs_from_the_command_line(tmp_path, capsys):
+    from instruct_helpers import base_model
+
+    from smoe.cli import main
+    from smoe.train.tasks import chat, make_tasks
+    model = base_model(tmp_path / "base", dim=32, hidden_dim=64)
+    train, _ = make_tasks(40, 0, seed=2)
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(chat(p, a)) + "\n" for p, a, _ in train))
+    assert main(["sft", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1",
+                 "--seq-len", "64", "--batch-size", "4", "tensorboard=false", "plots=false", "progress=false"]) == 0
+    out = capsys.readouterr().out
+    assert "38/38 conversations used" in out and "held-out data: 2/2" in out
+    state = json.loads((tmp_path / "run" / "checkpoints").glob("step_*/trainer_state.json").__next__().read_text())
+    rows = state["run_info"]["rows_per_epoch"]
+    assert state["step"] == -(-rows // 4)  # one epoch of packed rows, 4 rows a step
+    assert (tmp_path / "run" / "final" / "tokenizer.json").exists()
+    assert main(["sft", "--model", str(tmp_path / "nowhere"), "--data", str(data)]) == 2
+    assert "smoe sft: error:" in capsys.readouterr().err
