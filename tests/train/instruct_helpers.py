@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,3 +40,15 @@ def base_model(out: Path, seed: int = 0, **changes) -> Path:
     model.init_weights(seed=seed)
     model.save_pretrained(out)
     return out
+
+
+@contextmanager
+def one_thread():
+    """Run with one intra-op thread: these models are tiny, and on a busy 2-core machine two threads
+    spin against other processes (several times slower); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_model
-from instruct_helpers import base_model, char_tokenizer
+from instruct_helpers import base_model, char_tokenizer, one_thread
 
 from smoe.train.dpo import (
     DPOConfig,
@@ -31,6 +31,12 @@ from smoe.train.trainer import TrainConfig, Trainer
 # fixed sequence log-probs (chosen, rejected, ref chosen, ref rejected), incl. large and negative margins
 FIXED = [(-12.5, -14.0, -13.0, -13.5), (-3.25, -2.0, -3.0, -2.5), (-40.0, -95.0, -41.0, -60.0),
          (-7.0, -7.0, -7.0, -7.0), (-120.0, -20.0, -30.0, -25.0)]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def reference64(beta: float, eps: float, loss_type: str) -> tuple[float, list[list[float]]]:

@@ -8,11 +8,18 @@ import copy
 import pytest
 import torch
 from conftest import tiny_model
+from instruct_helpers import one_thread
 
 from smoe.checkpoint import load_model
 from smoe.train import lora
 from smoe.train.lora import ExpertLoRA, LoRAConfig, LoRAError, LoRALinear, adapter_state, apply_lora
 from smoe.train.trainer import TrainConfig, Trainer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def randomize_adapters(model, seed: int = 1, std: float = 0.05) -> None:

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from conftest import tiny_model
-from instruct_helpers import char_tokenizer
+from instruct_helpers import char_tokenizer, one_thread
 
 from smoe.model.attention import SelfAttention
 from smoe.train.losses import IGNORE, LMObjective
@@ -22,6 +22,12 @@ from smoe.train.sft import (
     read_chats,
     tokenize_chats,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
