@@ -11,8 +11,9 @@ from smoe.tokenizer import ChatFormatError, Tokenizer
 
 
 def chat_loop(model, tokenizer: Tokenizer, params: SamplingParams, system: str | None = None,
-              stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> list[dict]:
+              stdin: TextIO | None = None, stdout: TextIO | None = None) -> list[dict]:
     """Read user turns from stdin, stream each reply to stdout; '/reset' clears, EOF or '/exit' ends."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout  # looked up now: callers may swap them
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
     interactive = stdin.isatty()
     while True:
