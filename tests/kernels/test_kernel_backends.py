@@ -153,3 +153,9 @@ def test_all_experts_formulation_equals_naive():
         x, w1, w2, w3, experts, weights = make(N, 16, 24, 6, K, seed=N)
         y = G.all_experts_moe(x, w1, w2, w3, experts, weights)
         assert (y - naive_moe(x, w1, w2, w3, experts, weights)).abs().max() <= 1e-5
+
+
+def test_unknown_backend_is_named():
+    from smoe.kernels import get_backend
+    with pytest.raises(ValueError, match="unknown MoE backend 'fast'"):
+        get_backend("fast")
