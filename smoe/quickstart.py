@@ -105,7 +105,7 @@ def quickstart_recipe(minutes: float, data_dir: Path, run_dir: Path, seed: int, 
     return apply_overrides(get_recipe("quickstart"), overrides)
 
 
-def _report(result: dict, run_dir: Path, data_dir: Path, started: float, n_files: int, corpus_name: str) -> None:
+def _report(result: dict, run_dir: Path, data_dir: Path, started: float, n_files: int) -> None:
     from smoe.train.logs import read_records
     ev = [r for r in read_records(run_dir) if r.get("kind") == "eval"][-1]
     data = TokenData(data_dir)
@@ -113,8 +113,8 @@ def _report(result: dict, run_dir: Path, data_dir: Path, started: float, n_files
     print("\n" + "=" * 100)
     print(f"trained {result['step']} steps ({result['tokens_seen']:,} tokens) in {result['elapsed_s'] / 60:.1f} min; "
           f"{mins:.1f} min in all on {os.cpu_count()} CPU threads ({result['stop_reason']})")
-    print(f"\nvalidation: {ev['val_tokens']:,} tokens from {data.meta['splits']['val']['documents']} held-out files "
-          f"of {corpus_name} ({n_files} files)")
+    print(f"\nvalidation: {ev['val_tokens']:,} tokens spread over the {data.meta['splits']['val']['documents']} "
+          f"held-out files (of {n_files}; none of them trained on)")
     print(f"  {'':<18}{'loss (nats/token)':>18}{'perplexity':>12}{'bits/byte':>11}")
     print(f"  {'this model':<18}{ev['val_loss']:>18.3f}{ev['val_ppl']:>12.2f}{ev.get('val_bits_per_byte', 0):>11.3f}")
     if ev.get("unigram_loss") is not None:
@@ -190,7 +190,7 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 10.0, corpu
     extra = [f"max_minutes={max(left_min, 0.1):.3f}"] + ([f"max_steps={max_steps}"] if max_steps else [])
     recipe = quickstart_recipe(minutes, data_dir, run_dir, seed, extra + list(overrides or []))
     result = train(recipe)
-    _report(result, run_dir, data_dir, started, len(files), corpus_name)
+    _report(result, run_dir, data_dir, started, len(files))
     if samples:
         _samples(Path(result["final"]))
     _next_commands(Path(result["final"]), data_dir, run_dir)

@@ -216,6 +216,9 @@ class Trainer:
         return out
 
     def _eval(self, bar) -> dict | None:
+        if hasattr(self, "peak_flops") and self.step > 0:  # on a shared machine the first measure can be low:
+            dtype = {None: torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.cfg.autocast]
+            self.peak_flops = max(self.peak_flops, measure_peak_flops(dtype, self.model.device, seconds=0.2))
         if self.evaluate is None:
             return None
         t = time.perf_counter()
