@@ -50,3 +50,12 @@ def tiny_hf_dir(tmp_path):
         hf.save_pretrained(out)
         return out, hf
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: on a shared 2-core machine two OpenMP threads make tiny models slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

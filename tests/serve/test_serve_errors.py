@@ -11,7 +11,6 @@ import threading
 import httpx
 import openai
 import pytest
-import torch
 
 from tests.serve.serve_helpers import API_KEY, MODEL, Server, make_model
 
@@ -20,11 +19,8 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
