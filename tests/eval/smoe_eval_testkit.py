@@ -152,42 +152,7 @@ def write_hf_repo(data_dir: Path, path: str, splits: dict[str, list[dict]], conf
     return repo
 
 
-class SmoeServer:
-    """`python -m smoe.cli serve` on loopback in a subprocess; `url` once /health answers."""
-
-    def __init__(self, model_dir: Path, log: Path, name: str = "tiny-eval", startup_s: float = 180.0):
-        import socket
-        import subprocess
-        import sys
-        import time
-
-        import httpx
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url, self.log = f"http://127.0.0.1:{port}", log
-        cmd = [sys.executable, "-m", "smoe.cli", "serve", str(model_dir), "--port", str(port),
-               "--served-model-name", name]
-        with open(log, "wb") as f:
-            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-        deadline = time.monotonic() + startup_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"smoe serve exited with {self.proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"smoe serve did not come up in {startup_s} s:\n{log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except Exception:
-            self.proc.kill()
-            self.proc.wait()
+def SmoeServer(model_dir: Path, log: Path, name: str = "tiny-eval", startup_s: float = 180.0):
+    """`python -m smoe.cli serve` on loopback in a subprocess (the serving tests' helper)."""
+    from tests.serve.serve_helpers import Server
+    return Server(model_dir, log, name=name, startup_s=startup_s)

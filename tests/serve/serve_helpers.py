@@ -36,13 +36,13 @@ def free_port() -> int:
 class Server:
     """`python -m smoe.cli serve` in a subprocess; `url` once /health answers."""
 
-    def __init__(self, model_dir: Path, log: Path, *args: str, startup_s: float = 120.0):
+    def __init__(self, model_dir: Path, log: Path, *args: str, name: str = MODEL, startup_s: float = 120.0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         cmd = [sys.executable, "-m", "smoe.cli", "serve", str(model_dir), "--port", str(self.port),
-               "--served-model-name", MODEL, *args]
+               "--served-model-name", name, *args]
         with open(log, "wb") as f:
             self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + startup_s
