@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -63,19 +62,6 @@ class EngineStats:
     computed_tokens: int = 0  # tokens run through the model (prompts, recomputes, decodes)
     generated_tokens: int = 0
     last_step_s: float = 0.0
-
-
-@contextmanager
-def _logits_rows(model, rows: torch.Tensor | None):
-    """Make the model compute logits only at these rows of the packed step (a hook on the final norm)."""
-    if rows is None:
-        yield
-        return
-    handle = model.norm.register_forward_hook(lambda mod, args, out: out[:, rows])
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 class Engine:
@@ -235,8 +221,7 @@ class Engine:
         pos_1T = torch.tensor([positions], dtype=torch.long).to(device)
         attn = PagedAttention(self.pool, slices, self.window, device)
         sel = None if rows == list(range(row)) else torch.tensor(rows, dtype=torch.long).to(device)
-        with _logits_rows(self.model, sel):
-            logits_RV = self.model(tokens_1T, pos_1T, attn, top_k=top_k)[0]
+        logits_RV = self.model(tokens_1T, pos_1T, attn, top_k=top_k, logits_at=sel)[0]
         for seq, r, lo, count in prompt_rows:  # logits at position p score prompt token p + 1
             targets = torch.tensor(seq.prompt[lo + 1: lo + 1 + count], device=logits_RV.device)
             chosen, top_ids, top_lp = token_logprobs(logits_RV[r: r + count], targets, seq.params.prompt_logprobs)

@@ -177,13 +177,15 @@ class Transformer(nn.Module):
             layer.feed_forward.backend = name
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, attn: Attend | None = None,
-                *, top_k: int | None = None, return_router_logits: bool = False, last_only: bool = False):
+                *, top_k: int | None = None, return_router_logits: bool = False, last_only: bool = False,
+                logits_at: torch.Tensor | None = None):
         """tokens (B, T) -> logits (B, T, V) float-like in the model dtype.
 
         positions (B, T) default to 0..T-1; attn defaults to causal self-attention over `tokens`
         (with the config's sliding window). top_k overrides the experts per token for this call.
         With return_router_logits, returns (logits, [router logits (B*T, E) per layer]).
-        With last_only, logits are computed for the last position only: (B, 1, V).
+        With last_only, logits are computed for the last position only: (B, 1, V); with logits_at
+        (a LongTensor of positions along T), only at those: (B, len(logits_at), V).
         """
         B, T = tokens.shape
         if positions is None:
@@ -198,6 +200,8 @@ class Transformer(nn.Module):
             router_logits.append(rl)
         if last_only:
             h = h[:, -1:]
+        elif logits_at is not None:
+            h = h[:, logits_at]
         logits = self.output(self.norm(h))  # (B, T, V)
         return (logits, router_logits) if return_router_logits else logits
 
