@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from smoe.checkpoint.files import atomic_path, write_json
 from smoe.tokenizer import ChatFormatError, Tokenizer, check_messages
 from smoe.train.checkpoint import ResumeError, latest_checkpoint
-from smoe.train.losses import IGNORE, expert_load, load_balancing_loss, router_z_loss
+from smoe.train.losses import IGNORE, StepShare, expert_load, load_balancing_loss, router_z_loss, step_loss
 from smoe.train.sft import SFTDataError, before_after, exact_match, finish, load_for_training, read_jsonl, split_heldout
 from smoe.train.trainer import TrainConfig, Trainer
 
@@ -119,7 +119,12 @@ class DPOObjective:
         with self.reference(model):  # e.g. smoe.train.lora.lora_disabled
             return score(model, batch)
 
-    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def routing(self, model, batch: dict) -> list[torch.Tensor]:
+        """The policy's router logits per layer of the forward pass __call__ makes (the Trainer's pre-pass)."""
+        return model(batch["tokens"], return_router_logits=True, last_only=True)[1]
+
+    def __call__(self, model, batch: dict, share: StepShare | None = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         tokens, targets, valid = batch["tokens"], batch["targets"], batch["valid"]
         P = tokens.shape[0] // 2
         ref = self.reference_logps(model, batch).float()
@@ -131,11 +136,12 @@ class DPOObjective:
         losses, chosen_r, rejected_r = dpo_loss(logps[:P], logps[P:], ref[:P], ref[P:], self.beta,
                                                 self.label_smoothing, self.loss_type)
         top_k = model.config.top_k
-        aux = load_balancing_loss(router_logits, top_k, valid)
+        aux = load_balancing_loss(router_logits, top_k, valid, share.load_LE if share is not None else None)
         z = router_z_loss(router_logits, valid)
         dpo = losses.mean()
         chosen_nll = -(logps[:P] * (n_resp[:P] if self.loss_type == "ipo" else 1)).sum() / n_resp[:P].sum()
-        loss = dpo + self.aux_coef * aux + self.z_coef * z + (self.nll_coef * chosen_nll if self.nll_coef else 0.0)
+        main = dpo + (self.nll_coef * chosen_nll if self.nll_coef else 0.0)
+        loss = step_loss(main, self.aux_coef * aux + self.z_coef * z, share)
         metrics = {"dpo": dpo.detach(), "ce": chosen_nll.detach(), "aux": aux.detach(), "z": z.detach(),
                    **reward_metrics(chosen_r, rejected_r),
                    "logp_accuracy": (logps[:P] > logps[P:]).float().mean().detach(),

@@ -8,6 +8,11 @@ plug in their own objective and batches).
 resume, has state_dict()/load_state_dict(). `objective(model, batch) -> (loss, metrics)`; `evaluate(model)
 -> dict` of numbers run every eval_every steps. AdamW with weight decay on matrices only, linear warmup +
 cosine decay, gradient clipping, gradient accumulation weighted by scored tokens, optional bf16 autocast.
+
+An objective with router losses (LMObjective, DPOObjective) also takes `share=StepShare` and has
+`routing(model, batch) -> router logits`: then the main loss is weighted by scored targets, the router
+losses by routed tokens (`valid`), and with aux_scope='step' a no-grad pre-pass over the step's micro-batches
+gives the step's expert load, so k micro-batches give exactly the loss and gradients of one batch of k.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 
 from smoe.train import checkpoint as ckpt
 from smoe.train.logs import RunLog, bar_kwargs, fmt_line, measure_peak_flops, train_flops_per_token
-from smoe.train.losses import IGNORE, LMObjective, imbalance
+from smoe.train.losses import IGNORE, ROUTER_METRICS, LMObjective, StepShare, imbalance, routed_tokens, slot_counts
 
 
 @dataclass
@@ -48,6 +53,8 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0: no clipping
     aux_coef: float = 0.01  # load-balancing loss (balanced router = 1.0)
+    aux_scope: str = "step"  # 'step': aux over the whole optimizer step (a no-grad pre-pass when grad_accum > 1);
+    #                          'micro': per micro-batch (Megatron-LM, transformers), no pre-pass
     z_coef: float = 0.001  # router z-loss
     capacity_factor: float | None = None  # None: dropless; else drop token-slots over capacity while training
     segment_mask: bool = False  # packed documents do not attend to each other
@@ -77,6 +84,9 @@ class TrainConfig:
             raise ValueError(f"train setting 'lr' must be > 0, got {self.lr}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"train setting 'capacity_factor' must be > 0 or None, got {self.capacity_factor}")
+        if self.aux_scope not in ("step", "micro"):
+            raise ValueError(f"train setting 'aux_scope' must be 'step' (the load-balancing loss over the whole "
+                             f"optimizer step) or 'micro' (per micro-batch), got {self.aux_scope!r}")
         if self.autocast not in (None, "bf16", "fp16"):
             raise ValueError(f"train setting 'autocast' must be bf16, fp16 or None, got {self.autocast!r}")
 
@@ -116,6 +126,7 @@ class Trainer:
         self.model, self.cfg, self.batches = model, cfg, batches
         self.objective = objective or LMObjective(cfg.aux_coef, cfg.z_coef)
         self.evaluate, self.tokenizer, self.batch_weight = evaluate, tokenizer, batch_weight
+        self.routes = hasattr(self.objective, "routing")  # takes share= (see the module docstring)
         self.run_dir = Path(cfg.out_dir)
         self.run_info = run_info or {}
         self.callbacks = callbacks or []  # fn(trainer, record) after each logged step
@@ -178,6 +189,19 @@ class Trainer:
             layer.feed_forward.capacity_factor = factor
             layer.feed_forward.dropped = None
 
+    @torch.no_grad()
+    def step_load(self, micro: list[dict]) -> torch.Tensor:
+        """(L, E) slot fractions f of the whole step's routing: a no-grad forward over its micro-batches with
+        the training pass's settings (autocast, capacity). Draws no random numbers and no batches."""
+        top_k = self.model.config.top_k
+        counts_LE, n = 0.0, 0.0
+        for b in micro:
+            with self._autocast():
+                router_logits = self.objective.routing(self.model, b)
+            c_LE, k = slot_counts(router_logits, top_k, b.get("valid"))
+            counts_LE, n = counts_LE + c_LE, n + k
+        return counts_LE / (n.clamp_min(1.0) * top_k)
+
     def train_step(self) -> dict:
         """One optimizer step over grad_accum micro-batches; returns its metrics as tensors/floats."""
         cfg = self.cfg
@@ -185,19 +209,31 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         micro = [next(self.batches) for _ in range(cfg.grad_accum)]
+        micro = [{k: v.to(self.model.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in micro]
         weights = [self.batch_weight(b) for b in micro]
         total = sum(weights) or 1.0
         acc: dict[str, torch.Tensor] = {}
         dropped, routed = 0, 0
         self.model.train()
         self._set_capacity(cfg.capacity_factor)
-        for b, w in zip(micro, weights):
-            b = {k: v.to(self.model.device) if torch.is_tensor(v) else v for k, v in b.items()}
+        shares: list[StepShare | None] = [None] * len(micro)
+        if self.routes:
+            n_routed = [routed_tokens(b) for b in micro]
+            aux_coef = getattr(self.objective, "aux_coef", cfg.aux_coef)
+            load_LE = self.step_load(micro) if (len(micro) > 1 and cfg.aux_scope == "step" and aux_coef) else None
+            shares = [StepShare(w / total, n / (sum(n_routed) or 1), load_LE) for w, n in zip(weights, n_routed)]
+        for b, w, share in zip(micro, weights, shares):
             with self._autocast():
-                loss, metrics = self.objective(self.model, b)
-            (loss * (w / total)).backward()
-            for k, v in {"loss": loss.detach(), **metrics}.items():
-                acc[k] = acc[k] + v * (w / total) if k in acc else v * (w / total)
+                if share is None:
+                    loss, metrics = self.objective(self.model, b)
+                    loss = loss * (w / total)
+                else:  # already the micro-batch's part of the step's loss
+                    loss, metrics = self.objective(self.model, b, share=share)
+            loss.backward()
+            acc["loss"] = acc["loss"] + loss.detach() if "loss" in acc else loss.detach()
+            for k, v in metrics.items():
+                v = v * (share.routed if share is not None and k in ROUTER_METRICS else w / total)
+                acc[k] = acc[k] + v if k in acc else v
             if cfg.capacity_factor is not None:
                 dropped += sum(int(layer.feed_forward.dropped) for layer in self.model.layers)
                 routed += b["tokens"].numel() * self.model.config.top_k * len(self.model.layers)

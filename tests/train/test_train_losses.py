@@ -18,6 +18,7 @@ from smoe.train.losses import (
     imbalance,
     load_balancing_loss,
     router_z_loss,
+    slot_counts,
 )
 
 
@@ -66,6 +67,30 @@ def test_aux_loss_with_mask_equals_float64_loop():
     mask = torch.rand(30, generator=torch.Generator().manual_seed(2)) > 0.3
     want = sum(ref_aux_f64(x, 2, mask) for x in lg) / len(lg)
     assert load_balancing_loss(lg, 2, mask).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_micro_batch_parts_add_up_to_the_whole_batch():
+    """Split a masked batch into unequal micro-batches: summed slot counts give the whole batch's expert load,
+    and with that load each part's aux (and z) weighted by its routed tokens adds up to the whole batch's
+    value and gradient (float64 reference for the value)."""
+    lg = [x.requires_grad_() for x in layers(N=30, seed=3)]
+    mask = torch.rand(30, generator=torch.Generator().manual_seed(4)) > 0.3
+    parts = [(0, 4), (4, 17), (17, 30)]
+    counts = [slot_counts([x[i:j] for x in lg], 2, mask[i:j]) for i, j in parts]
+    n_total = sum(n for _, n in counts)
+    load_LE = sum(c for c, _ in counts) / (n_total * 2)
+    torch.testing.assert_close(load_LE, expert_load(lg, 2, mask))
+    aux = sum(load_balancing_loss([x[i:j] for x in lg], 2, mask[i:j], load_LE) * mask[i:j].sum() / n_total
+              for i, j in parts)
+    z = sum(router_z_loss([x[i:j] for x in lg], mask[i:j]) * mask[i:j].sum() / n_total for i, j in parts)
+    want = sum(ref_aux_f64(x, 2, mask) for x in lg) / len(lg)
+    assert aux.item() == pytest.approx(want, rel=1e-5)
+    g_parts = torch.autograd.grad(aux + z, lg)
+    g_whole = torch.autograd.grad(load_balancing_loss(lg, 2, mask) + router_z_loss(lg, mask), lg)
+    for a, b in zip(g_parts, g_whole):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    own = sum(load_balancing_loss([x[i:j] for x in lg], 2, mask[i:j]) * mask[i:j].sum() / n_total for i, j in parts)
+    assert abs(own.item() - want) > 1e-3  # each part's own load is not the batch's
 
 
 def test_balanced_router_scores_one():

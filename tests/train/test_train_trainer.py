@@ -52,10 +52,25 @@ def test_loss_goes_down_when_overfitting_one_batch(tmp_path):
     assert len(records[-1]["load"]) == 2 and len(records[-1]["load"][0]) == 4
 
 
-def _grads_after_one_step(tmp_path, batches, grad_accum, batch_size, z_coef):
+class Counted:
+    """Batches in turn, counting how many were drawn (a data position to check)."""
+
+    def __init__(self, batches):
+        self.batches, self.drawn = batches, 0
+
+    def __next__(self):
+        self.drawn += 1
+        return self.batches[(self.drawn - 1) % len(self.batches)]
+
+
+def _one_step(tmp_path, batches, grad_accum, batch_size, aux_coef=0.5, z_coef=0.1, aux_scope="step"):
+    """(gradients before the optimizer step, the logged record) of one optimizer step."""
     model = tiny_model(0).train()
-    cfg = quiet(tmp_path / f"acc{grad_accum}", max_steps=1, grad_accum=grad_accum, batch_size=batch_size, seq_len=16)
-    trainer = Trainer(model, cfg, iter(batches), objective=LMObjective(aux_coef=0.0, z_coef=z_coef))
+    cfg = quiet(tmp_path / f"acc{grad_accum}{aux_scope}", max_steps=1, grad_accum=grad_accum, batch_size=batch_size,
+                seq_len=16, aux_scope=aux_scope)
+    records = []
+    trainer = Trainer(model, cfg, iter(batches), objective=LMObjective(aux_coef=aux_coef, z_coef=z_coef),
+                      callbacks=[lambda t, r: records.append(r)])
     captured = {}
     step = trainer.optimizer.step
 
@@ -64,23 +79,80 @@ def _grads_after_one_step(tmp_path, batches, grad_accum, batch_size, z_coef):
         return step(*a, **k)
     trainer.optimizer.step = capture
     trainer.fit()
-    return captured
+    return captured, records[0]
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_gradient_accumulation_equals_one_big_batch(tmp_path, masked):
-    """k micro-batches = one batch of k: cross-entropy weighted by scored tokens (exact with unequal masks);
-    the router z-loss is a per-token mean too (exact when micro-batches score equally many tokens). The
-    load-balancing loss is computed per micro-batch (as in Megatron and transformers), so it is left out."""
-    big = random_batch(B=6, seed=1)
-    if masked:
-        big["targets"][0, :5] = -100
-    micro = [{k: v[i:i + 2] for k, v in big.items()} for i in (0, 2, 4)]
-    z = 0.0 if masked else 0.01
-    g_acc = _grads_after_one_step(tmp_path, micro, grad_accum=3, batch_size=2, z_coef=z)
-    g_one = _grads_after_one_step(tmp_path, [big], grad_accum=1, batch_size=6, z_coef=z)
+def padded_batch(B=6, T=16, seed=1):
+    """A batch with right padding (valid False, targets IGNORE) and unequal scored targets per row."""
+    b = random_batch(B, T, seed=seed)
+    lengths = torch.tensor([16, 9, 13, 5, 16, 11][:B])
+    valid = torch.arange(T)[None] < lengths[:, None]
+    b["targets"][~valid] = -100
+    b["targets"][0, :5] = -100  # a prompt-like span: routed but not scored
+    b["valid"] = valid
+    return b
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, padded):
+    """k micro-batches = one batch of k for the full loss (CE + aux + z, large coefficients so the router terms
+    count): CE weighted by scored targets, z-loss by routed tokens, the load-balancing loss with the whole
+    step's expert load from the no-grad pre-pass (aux_scope='step'). Logged loss, aux, z and load are equal."""
+    big = padded_batch() if padded else random_batch(B=6, seed=1)
+    micro = [{k: v[i:j] for k, v in big.items()} for i, j in ((0, 1), (1, 4), (4, 6))]  # unequal sizes too
+    g_acc, r_acc = _one_step(tmp_path, micro, grad_accum=3, batch_size=2)
+    g_one, r_one = _one_step(tmp_path, [big], grad_accum=1, batch_size=6)
     for name in g_one:
         torch.testing.assert_close(g_acc[name], g_one[name], rtol=1e-5, atol=1e-7, msg=name)
+    for k in ("loss", "ce", "aux", "z"):
+        assert r_acc[k] == pytest.approx(r_one[k], rel=1e-6, abs=1e-7), k
+    torch.testing.assert_close(torch.tensor(r_acc["load"]), torch.tensor(r_one["load"]), rtol=0, atol=1e-5)
+    # the one-batch record is the plain objective on the whole batch
+    loss, m = LMObjective(aux_coef=0.5, z_coef=0.1)(tiny_model(0).train(), big)
+    assert r_one["aux"] == pytest.approx(float(m["aux"]), rel=1e-6)
+    assert r_one["loss"] == pytest.approx(float(loss.detach()), rel=1e-6)
+
+
+def test_aux_scope_micro_is_the_per_micro_batch_variant(tmp_path):
+    """aux_scope='micro' (Megatron-LM, transformers) balances each micro-batch on its own: its aux loss is the
+    routed-token-weighted mean of the micro-batches' own aux losses, not the step's, and gradients differ."""
+    big = padded_batch()
+    micro = [{k: v[i:i + 2] for k, v in big.items()} for i in (0, 2, 4)]
+    g_micro, r_micro = _one_step(tmp_path, micro, grad_accum=3, batch_size=2, aux_scope="micro")
+    g_one, r_one = _one_step(tmp_path, [big], grad_accum=1, batch_size=6)
+    model = tiny_model(0).train()
+    n = [int(b["valid"].sum()) for b in micro]
+    own = [float(LMObjective()(model, b)[1]["aux"]) for b in micro]
+    assert r_micro["aux"] == pytest.approx(sum(a * k for a, k in zip(own, n)) / sum(n), rel=1e-6)
+    assert abs(r_micro["aux"] - r_one["aux"]) > 1e-3
+    gate = "layers.0.feed_forward.gate.weight"
+    assert not torch.allclose(g_micro[gate], g_one[gate], rtol=1e-3, atol=1e-6)
+    for k in ("ce", "z"):  # the other terms are exact either way
+        assert r_micro[k] == pytest.approx(r_one[k], rel=1e-6), k
+    with pytest.raises(ValueError, match="aux_scope.*'step'.*'micro'.*got 'steps'"):
+        TrainConfig(aux_scope="steps").validate()
+    assert apply_overrides(get_recipe("tiny"), ["aux_scope=micro"]).train.aux_scope == "micro"
+
+
+def test_the_pre_pass_draws_no_batches_and_no_random_numbers(tmp_path):
+    """The expert-load pre-pass reuses the step's micro-batches: the data position and the RNG states after a
+    step are those of aux_scope='micro' (no pre-pass), so checkpoints and resume are unaffected."""
+    big = padded_batch()
+    micro = [{k: v[i:i + 2] for k, v in big.items()} for i in (0, 2, 4)]
+    after = {}
+    for scope in ("step", "micro"):
+        torch.manual_seed(123)
+        batches = Counted(micro)
+        trainer = Trainer(tiny_model(0).train(), quiet(tmp_path / scope, grad_accum=3, batch_size=2, seq_len=16,
+                                                       aux_scope=scope, capacity_factor=1.0), batches)
+        trainer.train_step()
+        after[scope] = (batches.drawn, torch.get_rng_state())
+        torch.manual_seed(7)
+        state = torch.get_rng_state()
+        load = trainer.step_load(micro)
+        assert torch.equal(torch.get_rng_state(), state) and batches.drawn == 3
+        assert load.shape == (2, 4) and torch.allclose(load.sum(-1), torch.ones(2))
+    assert after["step"][0] == after["micro"][0] == 3 and torch.equal(after["step"][1], after["micro"][1])
 
 
 def test_weight_decay_only_on_matrices_and_schedule():
