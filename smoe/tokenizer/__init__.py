@@ -131,7 +131,12 @@ class MistralTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """A Hugging Face `tokenizers` tokenizer.json (also what smoe's own BPE training writes)."""
+    """A Hugging Face `tokenizers` tokenizer.json (also what smoe's own BPE training writes).
+
+    Literal special-token text ("<s>" in a file or prompt) is encoded as transformers encodes it with the
+    same files: tokenizer_config.json's split_special_tokens (smoe's BPE sets it: text is text, as in
+    mistral-common; only bos=/eos= and the chat format give special ids), else as the special ids.
+    """
 
     def __init__(self, file: str | Path):
         from tokenizers import Tokenizer as HFTok
@@ -141,6 +146,8 @@ class HFTokenizer(Tokenizer):
         cfg_file = self.file.parent / "tokenizer_config.json"
         if cfg_file.exists():
             cfg = json.loads(cfg_file.read_text())
+            # not stored in tokenizer.json: the config carries it and every load applies it
+            self.tok.encode_special_tokens = bool(cfg.get("split_special_tokens", False))
             for k in special:
                 v = cfg.get(k)
                 special[k] = v.get("content") if isinstance(v, dict) else (v or special[k])
@@ -162,7 +169,8 @@ class HFTokenizer(Tokenizer):
     def save(self, path: str | Path) -> None:
         path = Path(path)
         self.tok.save(str(path / "tokenizer.json"))
-        cfg = {"bos_token": self.tok.id_to_token(self.bos_id), "eos_token": self.tok.id_to_token(self.eos_id)}
+        cfg = {"bos_token": self.tok.id_to_token(self.bos_id), "eos_token": self.tok.id_to_token(self.eos_id),
+               "split_special_tokens": self.tok.encode_special_tokens}  # read by smoe and transformers
         (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 

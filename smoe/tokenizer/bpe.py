@@ -4,7 +4,9 @@ The result is a tokenizer.json loaded back by smoe.tokenizer.HFTokenizer:
   ids 0, 1, 2 = <unk>, <s>, </s> (the Mixtral ids), 3..258 = the 256 byte tokens <0x00>..<0xFF>, then
   the learned pieces. Text is split GPT-4 style (letters, 1-3 digits, punctuation runs, whitespace runs,
   so indentation and newlines become their own pieces); a character outside the learned alphabet is
-  encoded as its UTF-8 bytes, so any text round-trips exactly and <unk> is never produced.
+  encoded as its UTF-8 bytes, so any text round-trips exactly and <unk> is never produced. A literal
+  "<s>", "</s>" or "<unk>" in text is text (tokenizer_config.json's split_special_tokens, which smoe's
+  HFTokenizer and transformers both follow): only bos=/eos= give the special ids.
 """
 
 from __future__ import annotations
@@ -80,15 +82,18 @@ def train_bpe(files: Iterable[str | Path], vocab_size: int, out: str | Path | No
     spec["model"]["fuse_unk"] = True
     final = Tokenizer.from_str(json.dumps(spec))
     final.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        final.save(str(out / "tokenizer.json"))
-        (out / "tokenizer_config.json").write_text(json.dumps(
-            {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-             "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n")
-        return HFTokenizer(out / "tokenizer.json")
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        final.save(str(Path(tmp) / "tokenizer.json"))
-        return HFTokenizer(Path(tmp) / "tokenizer.json")
+    if out is None:  # a tokenizer in memory: written to a temporary directory and read back
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            return _save(final, Path(tmp))
+    return _save(final, Path(out))
+
+
+def _save(tok, out: Path) -> HFTokenizer:
+    """Write tokenizer.json and tokenizer_config.json (special tokens; literal "<s>" text is text) into out."""
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "split_special_tokens": True,
+         "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n")
+    return HFTokenizer(out / "tokenizer.json")

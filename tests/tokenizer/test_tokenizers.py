@@ -111,6 +111,11 @@ def test_checkpoint_dir_and_hf_tokenizer_json(tmp_path):
     assert isinstance(t, HFTokenizer) and (t.bos_id, t.eos_id) == (1, 2)
     ids = t.encode("héllo 😀 world")
     assert ids[0] == 1 and t.decode(ids) == "héllo 😀 world"
+    # literal "<s>" text follows tokenizer_config.json's split_special_tokens, as in transformers (default: special)
+    assert t.encode("a <s> b", bos=False).count(1) == 1
+    (tmp_path / "tokenizer_config.json").write_text('{"split_special_tokens": true}')
+    literal = load_tokenizer(tmp_path).encode("a <s> b </s>", bos=False)
+    assert not {1, 2} & set(literal) and t.decode(literal) == "a <s> b </s>"
     dec = t.decoder()
     assert "".join(dec.add(i) for i in ids[1:]) + dec.flush() == "héllo 😀 world"
     chat = t.encode_chat([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}])
