@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from smoe.kernels.linear import mm_into
+
 # token-slots up to which the compiled (gather) formulation is used under torch.compile
 COMPILED_GATHER_MAX_SLOTS = 32
 # token-slots up to which the routing is sorted in Python rather than with tensor ops
@@ -64,7 +66,7 @@ def segment_mm(x_SI: torch.Tensor, w_EOI: torch.Tensor, segs: list[tuple[int, in
     if out_SO is None:
         out_SO = x_SI.new_empty(x_SI.shape[0], w_EOI.shape[1])
     for e, lo, hi in segs:
-        torch.mm(x_SI[lo:hi], w_EOI[e].t(), out=out_SO[lo:hi])
+        mm_into(x_SI[lo:hi], w_EOI[e], out_SO[lo:hi])
     return out_SO
 
 

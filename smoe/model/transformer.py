@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from smoe.kernels import default_backend, moe_experts
+from smoe.kernels.linear import Linear
 from smoe.model.attention import Attend, SelfAttention
 from smoe.model.config import ModelConfig
 
@@ -50,10 +51,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attend, layer: int
                 ) -> torch.Tensor:
@@ -144,7 +145,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = Linear(config.dim, config.vocab_size)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)

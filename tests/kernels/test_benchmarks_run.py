@@ -60,3 +60,12 @@ def test_benchmarks_have_a_command_line_help():
         run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--help"],
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 0 and "usage" in run.stdout
+
+
+def test_linear_benchmark_runs(tmp_path, capsys):
+    out = tmp_path / "linear.json"
+    load("linear").main(["--rows", "1", "3", "--shapes", "1100x64", "--repeat", "1", "--cache-bytes", "1e5",
+                         "--out", str(out)])
+    assert "F.linear/smoe" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert [r["rows"] for r in data["rows"]] == [1, 3] and max(r["max_abs_diff"] for r in data["rows"]) < 1e-4

@@ -1,0 +1,70 @@
+"""x @ w.T without autograd on the CPU, by whichever library path measured fastest for its shape.
+
+nn.Linear keeps a weight as (out, in), so x @ w.T reads it transposed. With torch's CPU wheel (MKL
+for fp32) on this machine's AMD EPYC that path is slow for a few rows, where w @ x.T, which reads w
+row by row, took 1.4-1.8x less time for an expert's 512 x 256 weights at 2-4 rows and 1.7-3.6x less for
+the 32000 x 256 output projection at 2-8 rows; for that wide output oneDNN's linear took 1.3-1.7x less
+time than MKL at 16-128 rows (`benchmarks/linear.py` measures every choice side by side).
+Taken only where no gradient is recorded (inference, the forward of the grouped MoE's autograd
+Function) and not under torch.compile; other dtypes and devices take F.linear unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# rows computed as (w @ x.T).T: 2..SMALL_ROWS_MAX, or up to WIDE_SMALL_ROWS_MAX for a wide output; only for
+# weights of at least SMALL_ROWS_MIN_WEIGHT elements (read from memory, not cache). SMALL_ROWS_MAX = 0: off
+SMALL_ROWS_MAX, WIDE_SMALL_ROWS_MAX, SMALL_ROWS_MIN_WEIGHT = 4, 8, 1 << 16
+# outputs at least WIDE_MIN_OUT wide (a vocabulary projection) with other row counts up to WIDE_ROWS_MAX: oneDNN
+WIDE_MIN_OUT, WIDE_ROWS_MAX = 8192, 512
+
+
+def _onednn_linear_works() -> bool:
+    try:
+        y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 3), torch.ones(4, 3), None, "none", [], "")
+        return bool(torch.equal(y, torch.full((2, 4), 3.0)))
+    except Exception:  # torch built without oneDNN, or the op changed: keep MKL
+        return False
+
+
+ONEDNN = _onednn_linear_works()
+
+
+def _fast_path_ok(x_MI: torch.Tensor, w_OI: torch.Tensor) -> bool:
+    return (x_MI.device.type == "cpu" and x_MI.dtype == torch.float32 and w_OI.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x_MI.requires_grad or w_OI.requires_grad))
+            and not torch.compiler.is_compiling())
+
+
+def _small_rows(M: int, w_OI: torch.Tensor) -> bool:
+    most = WIDE_SMALL_ROWS_MAX if w_OI.shape[0] >= WIDE_MIN_OUT and SMALL_ROWS_MAX else SMALL_ROWS_MAX
+    return 2 <= M <= most and w_OI.numel() >= SMALL_ROWS_MIN_WEIGHT
+
+
+def mm_into(x_MI: torch.Tensor, w_OI: torch.Tensor, out_MO: torch.Tensor) -> torch.Tensor:
+    """out_MO = x_MI @ w_OI.T, written into out_MO (e.g. rows of a larger buffer)."""
+    if _small_rows(x_MI.shape[0], w_OI) and _fast_path_ok(x_MI, w_OI):
+        return out_MO.copy_(torch.mm(w_OI, x_MI.t()).t())
+    return torch.mm(x_MI, w_OI.t(), out=out_MO)
+
+
+def linear(x: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
+    """x (..., I) @ w_OI.T -> (..., O), as F.linear without bias."""
+    M, O = x.numel() // x.shape[-1], w_OI.shape[0]
+    if _small_rows(M, w_OI) and _fast_path_ok(x, w_OI):
+        return torch.mm(w_OI, x.reshape(M, -1).t()).t().contiguous().view(*x.shape[:-1], O)
+    if ONEDNN and O >= WIDE_MIN_OUT and M <= WIDE_ROWS_MAX and _fast_path_ok(x, w_OI):
+        return torch.ops.mkldnn._linear_pointwise(x, w_OI, None, "none", [], "")
+    return F.linear(x, w_OI)
+
+
+class Linear(torch.nn.Linear):
+    """A bias-free nn.Linear (same parameters and state-dict keys) whose forward calls `linear`."""
+
+    def __init__(self, in_features: int, out_features: int, **kw):
+        super().__init__(in_features, out_features, bias=False, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)

@@ -1,0 +1,48 @@
+"""smoe.kernels.linear: every library path it picks computes x @ w.T as F.linear does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smoe.kernels import linear as L
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17, 40, 300])
+@pytest.mark.parametrize("out_features", [48, 1100, 9000])
+def test_linear_equals_f_linear(rows, out_features):
+    g = torch.Generator().manual_seed(rows * 7 + out_features)
+    x = torch.randn(1, rows, 64, generator=g)
+    w = torch.randn(out_features, 64, generator=g)
+    ref = (x.double() @ w.double().t()).float()
+    with torch.no_grad():
+        y = L.linear(x, w)
+    assert y.shape == (1, rows, out_features) and y.is_contiguous()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)  # fp32 sums of 64 products of N(0, 1) values
+    buf = torch.full((rows + 3, out_features), float("nan"))
+    L.mm_into(x[0], w, buf[1: rows + 1])
+    torch.testing.assert_close(buf[1: rows + 1], ref[0], rtol=1e-5, atol=1e-4)
+    assert buf[0].isnan().all() and buf[rows + 1:].isnan().all()  # only its own rows written
+
+
+def test_linear_keeps_autograd_and_other_dtypes_on_f_linear():
+    w = torch.randn(9000, 32, requires_grad=True)
+    x = torch.randn(4, 32, requires_grad=True)
+    L.linear(x, w).square().sum().backward()
+    gw, gx = w.grad.clone(), x.grad.clone()
+    w.grad = x.grad = None
+    F.linear(x, w).square().sum().backward()
+    torch.testing.assert_close(w.grad, gw)
+    torch.testing.assert_close(x.grad, gx)
+    xb, wb = x.detach().bfloat16(), w.detach().bfloat16()
+    assert not L._fast_path_ok(xb, wb)
+    assert torch.equal(L.linear(xb, wb), F.linear(xb, wb))
+
+
+def test_linear_module_is_an_nn_linear_without_bias():
+    m = L.Linear(8, 3)
+    assert isinstance(m, torch.nn.Linear) and m.bias is None and list(m.state_dict()) == ["weight"]
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), F.linear(x, m.weight), rtol=1e-5, atol=1e-6)
