@@ -217,7 +217,8 @@ def cmd_serve(args) -> None:
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     serve(args.model, args.host, args.port, api_key=args.api_key, max_queue=args.max_queue,
           served_model_name=args.served_model_name, dtype=args.dtype, device=args.device, backend=args.backend,
-          engine_config=config, drain_timeout=args.drain_timeout, access_log=args.access_log)
+          engine_config=config, drain_timeout=args.drain_timeout, access_log=args.access_log,
+          engine_process=not args.engine_thread)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -383,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (prefill chunk size)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds running requests get after SIGTERM")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.add_argument("--engine-thread", action="store_true", help="run the engine on a thread of the server process "
+                   "instead of a process of its own (the default, so that model steps and HTTP do not share a GIL)")
     p.set_defaults(fn=cmd_serve)
     return parser
 

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API over an AsyncEngine (HTTP only: the engine does the model work).
+"""The OpenAI-compatible HTTP API over an engine (HTTP only): an EngineProcess (the engine in its own
+process, the default of `smoe serve`) or an AsyncEngine (on a thread), which have the same interface.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both also streaming as SSE ending in
 `data: [DONE]`), GET /v1/models, GET /health, GET /metrics (Prometheus), and vLLM's /tokenize and
