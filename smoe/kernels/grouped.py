@@ -106,8 +106,13 @@ def _forward(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segs, keep: bool):
         h_SH = F.silu(a1_SH) * a3_SH
     else:
         h_SH = F.silu(a1_SH, inplace=True).mul_(a3_SH)
-    h_SH.mul_(w_S[:, None])  # router weight applied before w2: (w h) W2^T = w (h W2^T)
+    # the router weight goes on the narrower side of w2, (w h) W2^T = w (h W2^T): one pass over fewer elements
+    weight_after = w2_EDH.shape[1] < w2_EDH.shape[2]  # D < H, as in every Mixtral
+    if not weight_after:
+        h_SH.mul_(w_S[:, None])
     y_SD = segment_mm(h_SH, w2_EDH, segs, out_SO=x_SD)  # x_SD is no longer needed: reuse its rows
+    if weight_after:
+        y_SD.mul_(w_S[:, None])
     if x_ND.shape[0] == 1:  # a single token: its K rows are all of y
         out_ND = y_SD.sum(0, keepdim=True)
     else:
