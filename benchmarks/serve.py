@@ -7,8 +7,10 @@ per request it records the time to the first token (TTFT) and the gaps between t
 Throughput = output tokens / wall time of the whole run. transformers runs in this process, with the
 same number of threads, while no server runs: one request at a time both before and after the smoe
 runs, and the faster of the two is the baseline (on a shared machine the load moves between runs;
-taking transformers' better run keeps the ratios conservative). The client is a minimal raw-socket
-HTTP/1.1 one, so that it takes as little as possible of the CPU it shares with the server.
+taking transformers' better run keeps the ratios conservative). Every run starts after a warm-up
+(smoe: one burst of as many 8-token requests as its concurrency; transformers: two whole prompts).
+The client is a minimal raw-socket HTTP/1.1 one, so that it takes as little as possible of the CPU it
+shares with the server.
 
     .venv/bin/python benchmarks/serve.py                          # small preset, concurrency 1 8 32 64
     .venv/bin/python benchmarks/serve.py --preset tiny --concurrency 1 8 --requests 16 --hf-sequential 4
@@ -130,7 +132,7 @@ async def run_clients(url: str, mix: list[tuple[list[int], int]], concurrency: i
             itls.extend(b - a for a, b in zip(times, times[1:]))
             tokens += m
 
-    await one(mix[0][0][:8], 2)  # warm-up
+    await asyncio.gather(*(one(p, 8) for p, _ in mix[:concurrency]))  # warm-up: one burst at this concurrency
     ttfts.clear()
     itls.clear()
     tokens = 0
@@ -146,7 +148,7 @@ def offline(model_dir: Path, mix: list[tuple[list[int], int]], max_seqs: int, dt
     """The same requests through smoe.LLM in this process (the engine without HTTP), max_seqs at a time."""
     from smoe import LLM, SamplingParams
     llm = LLM(model_dir, dtype=dtype, device=device, max_num_seqs=max_seqs, kv_cache_memory=kv)
-    llm.generate(mix[0][0][:8], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
+    llm.generate([p for p, _ in mix[:max_seqs]], SamplingParams(max_tokens=8), use_tqdm=False)  # the same warm-up
     t0 = time.perf_counter()
     outs = llm.generate([p for p, _ in mix], [SamplingParams(max_tokens=m, ignore_eos=True) for _, m in mix],
                         use_tqdm=False)
@@ -185,7 +187,8 @@ def hf_one_at_a_time(model, mix: list[tuple[list[int], int]]) -> dict:
 
     ttfts, itls, tokens = [], [], 0
     dev = model.device
-    model.generate(torch.tensor([mix[0][0][:8]], device=dev), max_new_tokens=2, do_sample=False)  # warm-up
+    for prompt, _ in mix[:2]:  # warm-up: two whole prompts
+        model.generate(torch.tensor([prompt], device=dev), max_new_tokens=8, do_sample=False)
     t_all = time.perf_counter()
     for prompt, m in mix:
         clock = Clock()
