@@ -109,14 +109,18 @@ class EngineProcess:
             self._proc.join(5)
             raise RuntimeError(f"the engine process could not load {path}: {info}")
         self.info = info
-        # the same request checks as the child's engine, on a model-less copy of it
-        model_dtype = getattr(torch, info["dtype"])
-        with torch.device("meta"):
-            meta = Transformer(read_config(Path(path))[0]).to(model_dtype)
-        cfg = meta.config
-        per_block = bytes_per_block(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, config.block_size, model_dtype)
-        self.engine = Engine(meta, load_tokenizer(path),
-                             dataclasses.replace(config, kv_cache_memory=info["n_blocks"] * per_block))
+        try:  # the same request checks as the child's engine, on a model-less copy of it
+            model_dtype = getattr(torch, info["dtype"])
+            with torch.device("meta"):
+                meta = Transformer(read_config(Path(path))[0]).to(model_dtype)
+            cfg = meta.config
+            per_block = bytes_per_block(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, config.block_size, model_dtype)
+            self.engine = Engine(meta, load_tokenizer(path),
+                                 dataclasses.replace(config, kv_cache_memory=info["n_blocks"] * per_block))
+        except BaseException:  # no engine process left behind
+            self._proc.kill()
+            self._proc.join(5)
+            raise
         self.stats = EngineStats(blocks_total=info["n_blocks"], blocks_free=info["n_blocks"])
         self.dispatch: Callable[[Deliveries], None] = call_all  # runs on the reader thread
         self._callbacks: dict[str, OnOutput] = {}

@@ -110,3 +110,24 @@ def test_serve_with_the_engine_on_a_thread(model_dir, tmp_path):
         assert "(engine thread)" in server.log_text()
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(180)
+def test_a_dead_engine_process_fails_its_requests_and_reports_not_alive(model_dir):
+    ep = EngineProcess(model_dir)
+    try:
+        ep.start()
+        got = Collect(1)
+        first = threading.Event()
+
+        def on_output(out):
+            first.set()
+            got.callback("r")(out)
+        ep.add("r", [1, 2, 3], SamplingParams(max_tokens=400, ignore_eos=True), on_output)
+        assert first.wait(60)
+        ep._proc.kill()  # the engine process dies mid-request
+        got.wait()
+        assert isinstance(got.errors["r"], RuntimeError) and "engine process exited" in str(got.errors["r"])
+        assert not ep.alive  # the server's /health then answers 503
+    finally:
+        ep.shutdown()
