@@ -32,6 +32,18 @@ def call_all(deliveries: Deliveries) -> None:
         cb(out)
 
 
+def route_outputs(outputs: list[StepOutput], callbacks: dict[str, OnOutput]) -> Deliveries:
+    """Pair a step's outputs with their requests' callbacks; finished requests leave `callbacks`."""
+    deliveries: Deliveries = []
+    for out in outputs:
+        cb = callbacks.get(out.request_id)
+        if out.finish_reason is not None:
+            callbacks.pop(out.request_id, None)
+        if cb is not None:
+            deliveries.append((cb, out))
+    return deliveries
+
+
 class AsyncEngine:
     """Runs `engine.step()` in a daemon thread; callers on any thread add and abort requests."""
 
@@ -139,13 +151,7 @@ class AsyncEngine:
                 log.exception("engine step failed; aborting %d requests", len(engine.seqs))
                 self._fail_all(e)
                 continue
-            deliveries: Deliveries = []
-            for out in outputs:
-                cb = self._callbacks.get(out.request_id)
-                if out.finish_reason is not None:
-                    self._callbacks.pop(out.request_id, None)
-                if cb is not None:
-                    deliveries.append((cb, out))
+            deliveries = route_outputs(outputs, self._callbacks)
             self.stats = dataclasses.replace(engine.stats)
             if deliveries:
                 self.dispatch(deliveries)

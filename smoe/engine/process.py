@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from smoe.engine.async_engine import Deliveries, OnOutput, call_all
+from smoe.engine.async_engine import Deliveries, OnOutput, call_all, route_outputs
 from smoe.engine.engine import Engine, EngineConfig, EngineStats
 from smoe.engine.kv import bytes_per_block
 from smoe.generation import SamplingParams
@@ -199,12 +199,7 @@ class EngineProcess:
                 cb = self._callbacks.pop(rid, None)
                 if cb is not None:
                     deliveries.append((cb, error))
-            for out in outputs:
-                cb = self._callbacks.get(out.request_id)
-                if out.finish_reason is not None:
-                    self._callbacks.pop(out.request_id, None)
-                if cb is not None:
-                    deliveries.append((cb, out))
+            deliveries += route_outputs(outputs, self._callbacks)
             if deliveries:
                 self.dispatch(deliveries)
         if not self._stop:
