@@ -273,6 +273,20 @@ def build_app(engine: AsyncEngine, options: ServerOptions) -> FastAPI:
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer")
 
+    async def sse_body(run: _Run, chunks, head: dict, include_usage: bool):
+        """The SSE lines of a streamed response: one event per choice chunk, the usage chunk when asked,
+        an error in OpenAI's shape if the run fails, and the closing [DONE]."""
+        event = _sse_choice(head)
+        try:
+            async for choice in chunks:
+                yield event(choice)
+            if include_usage:
+                yield _sse({**head, "choices": [], "usage": run.usage()})
+        except APIError as e:
+            metrics.error(e.status)
+            yield _sse(e.body())
+        yield "data: [DONE]\n\n"
+
     async def run_to_end(run: _Run, request: Request) -> bool:
         """Collect every output; False if the client went away first (its sequences are cancelled)."""
         async def consume():
@@ -353,34 +367,26 @@ def build_app(engine: AsyncEngine, options: ServerOptions) -> FastAPI:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-            event = _sse_choice(head)
 
-            async def stream():
+            async def chunks():
                 sent_echo = [False] * len(choices)
                 offsets = [0] * len(choices)
-                try:
-                    async for i, out in run.events():
-                        c = choices[i]
-                        text = out.text
-                        lp = None
-                        if echo and not sent_echo[i]:
-                            text = c.prompt_text + text
-                            sent_echo[i] = True
-                        if req.logprobs is not None:
-                            part = Choice(c.prompt_ids, prompt_logprobs=out.prompt_logprobs,
-                                          logprobs=[(out.token, out.logprob, out.top_logprobs)]
-                                          if out.logprob is not None else [])
-                            lp = completion_logprobs(part, echo and out.prompt_logprobs is not None, offsets[i])
-                            offsets[i] += sum(len(t) for t in lp["tokens"])
-                        yield event({"index": i, "text": text, "logprobs": lp, "finish_reason": out.finish_reason})
-                    if include_usage:
-                        yield _sse({**head, "choices": [], "usage": run.usage()})
-                except APIError as e:
-                    metrics.error(e.status)
-                    yield _sse(e.body())
-                yield "data: [DONE]\n\n"
+                async for i, out in run.events():
+                    c = choices[i]
+                    text = out.text
+                    lp = None
+                    if echo and not sent_echo[i]:
+                        text = c.prompt_text + text
+                        sent_echo[i] = True
+                    if req.logprobs is not None:
+                        part = Choice(c.prompt_ids, prompt_logprobs=out.prompt_logprobs,
+                                      logprobs=[(out.token, out.logprob, out.top_logprobs)]
+                                      if out.logprob is not None else [])
+                        lp = completion_logprobs(part, echo and out.prompt_logprobs is not None, offsets[i])
+                        offsets[i] += sum(len(t) for t in lp["tokens"])
+                    yield {"index": i, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
 
-            return _SSE(stream(), run.abort)
+            return _SSE(sse_body(run, chunks(), head, include_usage), run.abort)
 
         if not await run_to_end(run, request):
             return Response(status_code=499)
@@ -432,27 +438,19 @@ def build_app(engine: AsyncEngine, options: ServerOptions) -> FastAPI:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             chunk = {**head, "object": "chat.completion.chunk"}
-            event = _sse_choice(chunk)
 
-            async def stream():
-                try:
-                    for i in range(len(choices)):
-                        yield event({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                     "finish_reason": None})
-                    async for i, out in run.events():
-                        lp = None
-                        if req.logprobs and out.logprob is not None:
-                            lp = chat_logprobs([(out.token, out.logprob, out.top_logprobs)], top_n)
-                        delta = {"content": out.text} if out.text or out.finish_reason is None else {}
-                        yield event({"index": i, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason})
-                    if include_usage:
-                        yield _sse({**chunk, "choices": [], "usage": run.usage()})
-                except APIError as e:
-                    metrics.error(e.status)
-                    yield _sse(e.body())
-                yield "data: [DONE]\n\n"
+            async def chunks():
+                for i in range(len(choices)):
+                    yield {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                           "finish_reason": None}
+                async for i, out in run.events():
+                    lp = None
+                    if req.logprobs and out.logprob is not None:
+                        lp = chat_logprobs([(out.token, out.logprob, out.top_logprobs)], top_n)
+                    delta = {"content": out.text} if out.text or out.finish_reason is None else {}
+                    yield {"index": i, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}
 
-            return _SSE(stream(), run.abort)
+            return _SSE(sse_body(run, chunks(), chunk, include_usage), run.abort)
 
         if not await run_to_end(run, request):
             return Response(status_code=499)
