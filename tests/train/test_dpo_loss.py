@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import tiny_model
 from instruct_helpers import base_model, char_tokenizer, one_thread
+from train_helpers import one_step_grads
 
 from smoe.train.dpo import (
     DPOConfig,
@@ -176,17 +177,9 @@ def _dpo_step(tmp_path, ref, batches) -> tuple[dict, dict]:
     cfg = TrainConfig(out_dir=str(tmp_path), max_steps=1, grad_accum=len(batches), batch_size=2, seq_len=128,
                       warmup_steps=0, log_every=1, eval_every=10**6, save_every=10**6, tensorboard=False,
                       plots=False, progress=False, export=False)
-    records, grads = [], {}
-    trainer = Trainer(policy, cfg, iter(batches), DPOObjective(beta=0.1, aux_coef=0.5, z_coef=0.1, reference=ref),
-                      batch_weight=lambda b: b["tokens"].shape[0] / 2, callbacks=[lambda t, r: records.append(r)])
-    step = trainer.optimizer.step
-
-    def capture(*a, **k):
-        grads.update({n: p.grad.clone() for n, p in policy.named_parameters()})
-        return step(*a, **k)
-    trainer.optimizer.step = capture
-    trainer.fit()
-    return grads, records[0]
+    return one_step_grads(Trainer(policy, cfg, iter(batches),
+                                  DPOObjective(beta=0.1, aux_coef=0.5, z_coef=0.1, reference=ref),
+                                  batch_weight=lambda b: b["tokens"].shape[0] / 2))
 
 
 def test_gradient_accumulation_equals_one_batch_of_pairs(tok, tmp_path):

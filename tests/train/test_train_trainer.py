@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_model
-from train_helpers import make_data, tiny_overrides
+from train_helpers import make_data, one_step_grads, tiny_overrides
 
 from smoe.train.checkpoint import ResumeError, checkpoints, latest_checkpoint
 from smoe.train.losses import LMObjective
@@ -68,18 +68,7 @@ def _one_step(tmp_path, batches, grad_accum, batch_size, aux_coef=0.5, z_coef=0.
     model = tiny_model(0).train()
     cfg = quiet(tmp_path / f"acc{grad_accum}{aux_scope}", max_steps=1, grad_accum=grad_accum, batch_size=batch_size,
                 seq_len=16, aux_scope=aux_scope)
-    records = []
-    trainer = Trainer(model, cfg, iter(batches), objective=LMObjective(aux_coef=aux_coef, z_coef=z_coef),
-                      callbacks=[lambda t, r: records.append(r)])
-    captured = {}
-    step = trainer.optimizer.step
-
-    def capture(*a, **k):
-        captured.update({n: p.grad.clone() for n, p in model.named_parameters()})
-        return step(*a, **k)
-    trainer.optimizer.step = capture
-    trainer.fit()
-    return captured, records[0]
+    return one_step_grads(Trainer(model, cfg, iter(batches), objective=LMObjective(aux_coef=aux_coef, z_coef=z_coef)))
 
 
 def padded_batch(B=6, T=16, seed=1):

@@ -40,3 +40,17 @@ def make_data(root: Path, n_files: int = 12, vocab_size: int = 384) -> Path:
 def tiny_overrides(data: Path, out: Path, *extra: str) -> list[str]:
     return [f"data={data}", f"out_dir={out}", *TINY_MODEL, "batch_size=4", "seq_len=32", "warmup_steps=2",
             "eval_tokens=256", "tensorboard=false", "plots=false", "progress=false", *extra]
+
+
+def one_step_grads(trainer) -> tuple[dict, dict]:
+    """Fit a one-step Trainer; (each parameter's gradient just before the optimizer step, the logged record)."""
+    records, grads = [], {}
+    trainer.callbacks.append(lambda t, r: records.append(r))
+    step = trainer.optimizer.step
+
+    def capture(*a, **k):
+        grads.update({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+        return step(*a, **k)
+    trainer.optimizer.step = capture
+    trainer.fit()
+    return grads, records[0]
