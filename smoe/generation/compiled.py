@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from smoe.kernels.linear import reduction_input
+
 # linears with at most this many rows become reductions inside the compiled step
 GEMV_MAX_ROWS = 1
 # on the CPU, batches up to this size decode through torch.compile (single-row reductions); larger ones eagerly
@@ -37,7 +39,7 @@ class RowLinear(TorchFunctionMode):
             x, w = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if x.numel() // max(x.shape[-1], 1) <= GEMV_MAX_ROWS:
-                y = (x[..., None, :] * w).sum(-1, dtype=torch.float32).to(x.dtype)
+                y = (reduction_input(x, w)[..., None, :] * w).sum(-1, dtype=torch.float32).to(x.dtype)
                 return y if bias is None else y + bias
         return func(*args, **kwargs)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from smoe.kernels.linear import mm_into
+from smoe.kernels.linear import mm_into, reduction_input
 
 # token-slots up to which the compiled (gather) formulation is used under torch.compile
 COMPILED_GATHER_MAX_SLOTS = 32
@@ -170,7 +170,7 @@ def gathered_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor,
     Eagerly this would copy K expert weights per token; compiled, inductor fuses the indexed loads
     into the fp32-accumulated reductions, so it is a fused gather + matrix-vector product.
     """
-    x_N11D = x_ND[:, None, None, :]
+    x_N11D = reduction_input(x_ND, w1_EHD[0])[:, None, None, :]
     a1_NKH = (w1_EHD[experts_NK] * x_N11D).sum(-1, dtype=torch.float32)
     a3_NKH = (w3_EHD[experts_NK] * x_N11D).sum(-1, dtype=torch.float32)
     h_NKH = (F.silu(a1_NKH) * a3_NKH * weights_NK[..., None].float()).to(x_ND.dtype)

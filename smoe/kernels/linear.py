@@ -60,6 +60,28 @@ def linear(x: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w_OI)
 
 
+# compiled matrix-vector reductions over weights of at least this many elements take a materialized input
+MATERIALIZE_MIN_WEIGHT = 1 << 20
+
+
+@torch.library.custom_op("smoe::materialize", mutates_args=())
+def materialize(x: torch.Tensor) -> torch.Tensor:
+    """A copy of x that torch.compile cannot fuse into its consumers (an opaque op): the input of a
+    compiled matrix-vector reduction is then computed once, not again inside the loop over every row."""
+    return x.clone()
+
+
+@materialize.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def reduction_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x for a compiled multiply-and-sum over weight: materialized when the weight is large (the
+    one call costs microseconds; recomputing x's producers once per weight row costs far more)."""
+    return materialize(x) if weight.numel() >= MATERIALIZE_MIN_WEIGHT else x
+
+
 class Linear(torch.nn.Linear):
     """A bias-free nn.Linear (same parameters and state-dict keys) whose forward calls `linear`."""
 

@@ -11,6 +11,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from smoe.kernels.linear import materialize
+
 
 class Attend(Protocol):
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
@@ -26,7 +28,9 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """sdpa for one query per sequence (q (B, H, 1, hd), mask (B, 1, 1, S)) as fp32 multiply-and-sum
     reductions: under torch.compile these fuse into a pass over the cache, where the library kernel
-    costs far more than the few flops of a decode step."""
+    costs far more than the few flops of a decode step. q is materialized first, or inductor would
+    recompute its rotary embedding (sines and cosines) for every cached position."""
+    q = materialize(q)
     B, H, _, hd = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     q_BKG1D = q.view(B, Hkv, H // Hkv, 1, hd).float() * hd**-0.5

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from smoe import generate
 from smoe.generation import compiled
+from smoe.kernels import linear
 from smoe.model.attention import KVCache
 from tests.conftest import tiny_model
 
@@ -50,8 +51,12 @@ def test_static_len_rounds_up_within_the_context():
 
 
 @pytest.mark.timeout(300)
-def test_compiled_decode_gives_the_eager_tokens():
-    # batch 1 of a 4-expert top-2 model: the gather formulation and the single-row reductions
+@pytest.mark.parametrize("materialize_min", [None, 0])
+def test_compiled_decode_gives_the_eager_tokens(monkeypatch, materialize_min):
+    # batch 1 of a 4-expert top-2 model: the gather formulation and the single-row reductions, with the
+    # inputs of the reductions fused (tiny weights) or materialized first (as for large weights)
+    if materialize_min is not None:
+        monkeypatch.setattr(linear, "MATERIALIZE_MIN_WEIGHT", materialize_min)
     model = tiny_model(seed=5)
     prompt = [3, 17, 42, 9, 100]
     eager = generate(model, prompt, max_tokens=12)
@@ -92,3 +97,12 @@ def test_single_query_attention_equals_sdpa():
     mask = torch.rand(2, 1, 1, 30, generator=g) > 0.3
     mask[..., 0] = True
     assert (attend_one(q, k, v, mask) - sdpa(q, k, v, mask)).abs().max() <= 1e-5
+
+
+def test_materialize_is_an_opaque_copy():
+    x = torch.randn(3, 8)
+    y = linear.materialize(x)
+    assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()
+    fn = torch.compile(lambda x, w: (linear.materialize(x * 2)[:, None, :] * w).sum(-1), dynamic=False)
+    w = torch.randn(5, 8)
+    torch.testing.assert_close(fn(x, w), (x * 2) @ w.T, rtol=1e-5, atol=1e-5)
