@@ -174,6 +174,7 @@ def gathered_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor,
     a1_NKH = (w1_EHD[experts_NK] * x_N11D).sum(-1, dtype=torch.float32)
     a3_NKH = (w3_EHD[experts_NK] * x_N11D).sum(-1, dtype=torch.float32)
     h_NKH = (F.silu(a1_NKH) * a3_NKH * weights_NK[..., None].float()).to(x_ND.dtype)
+    h_NKH = reduction_input(h_NKH, w2_EDH[0])
     y_NKD = (w2_EDH[experts_NK] * h_NKH[:, :, None, :]).sum(-1, dtype=torch.float32)
     return y_NKD.sum(1).to(x_ND.dtype)
 

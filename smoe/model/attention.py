@@ -30,10 +30,9 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     reductions: under torch.compile these fuse into a pass over the cache, where the library kernel
     costs far more than the few flops of a decode step. q is materialized first, or inductor would
     recompute its rotary embedding (sines and cosines) for every cached position."""
-    q = materialize(q)
     B, H, _, hd = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    q_BKG1D = q.view(B, Hkv, H // Hkv, 1, hd).float() * hd**-0.5
+    q_BKG1D = materialize(q.view(B, Hkv, H // Hkv, 1, hd).float() * hd**-0.5)
     s_BKGS = (q_BKG1D * k[:, :, None].float()).sum(-1)  # (B, Hkv, G, S)
     s_BKGS = s_BKGS.masked_fill(~mask.view(B, 1, 1, S), float("-inf"))
     p_BKGS = torch.softmax(s_BKGS, dim=-1)
