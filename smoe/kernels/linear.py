@@ -4,7 +4,8 @@ nn.Linear keeps a weight as (out, in), so x @ w.T reads it transposed. With torc
 for fp32) on this machine's AMD EPYC that path is slow for a few rows, where w @ x.T, which reads w
 row by row, took 1.4-1.8x less time for an expert's 512 x 256 weights at 2-4 rows and 1.7-3.6x less for
 the 32000 x 256 output projection at 2-8 rows; for that wide output oneDNN's linear took 1.3-1.7x less
-time than MKL at 16-128 rows (`benchmarks/linear.py` measures every choice side by side).
+time than MKL at 16-128 rows, and for the medium preset's shapes (512-3072 wide) 5-20% less at 32-8192 rows
+(`benchmarks/linear.py` measures every choice side by side).
 Taken only where no gradient is recorded (inference, the forward of the grouped MoE's autograd
 Function) and not under torch.compile; other dtypes and devices take F.linear unchanged.
 """
@@ -17,8 +18,10 @@ import torch.nn.functional as F
 # rows computed as (w @ x.T).T: 2..SMALL_ROWS_MAX, or up to WIDE_SMALL_ROWS_MAX for a wide output; only for
 # weights of at least SMALL_ROWS_MIN_WEIGHT elements (read from memory, not cache). SMALL_ROWS_MAX = 0: off
 SMALL_ROWS_MAX, WIDE_SMALL_ROWS_MAX, SMALL_ROWS_MIN_WEIGHT = 4, 8, 1 << 16
-# outputs at least WIDE_MIN_OUT wide (a vocabulary projection) with other row counts up to WIDE_ROWS_MAX: oneDNN
-WIDE_MIN_OUT, WIDE_ROWS_MAX = 8192, 512
+# oneDNN: outputs at least WIDE_MIN_OUT wide (a vocabulary projection) with other row counts up to WIDE_ROWS_MAX;
+# narrower weights of at least ONEDNN_MIN_WEIGHT elements from ONEDNN_ROWS_MIN rows (fewer rows or smaller
+# weights measured alike or mixed)
+WIDE_MIN_OUT, WIDE_ROWS_MAX, ONEDNN_ROWS_MIN, ONEDNN_MIN_WEIGHT = 8192, 512, 32, 1 << 18
 
 
 def _onednn_linear_works() -> bool:
@@ -43,10 +46,21 @@ def _small_rows(M: int, w_OI: torch.Tensor) -> bool:
     return 2 <= M <= most and w_OI.numel() >= SMALL_ROWS_MIN_WEIGHT
 
 
+def _onednn_rows(M: int, w_OI: torch.Tensor) -> bool:
+    if not ONEDNN:
+        return False
+    if w_OI.shape[0] >= WIDE_MIN_OUT:
+        return M <= WIDE_ROWS_MAX
+    return M >= ONEDNN_ROWS_MIN and w_OI.numel() >= ONEDNN_MIN_WEIGHT
+
+
 def mm_into(x_MI: torch.Tensor, w_OI: torch.Tensor, out_MO: torch.Tensor) -> torch.Tensor:
     """out_MO = x_MI @ w_OI.T, written into out_MO (e.g. rows of a larger buffer)."""
-    if _small_rows(x_MI.shape[0], w_OI) and _fast_path_ok(x_MI, w_OI):
+    M = x_MI.shape[0]
+    if _small_rows(M, w_OI) and _fast_path_ok(x_MI, w_OI):
         return out_MO.copy_(torch.mm(w_OI, x_MI.t()).t())
+    if _onednn_rows(M, w_OI) and _fast_path_ok(x_MI, w_OI):  # oneDNN has no out=: one copy of the output
+        return out_MO.copy_(torch.ops.mkldnn._linear_pointwise(x_MI, w_OI, None, "none", [], ""))
     return torch.mm(x_MI, w_OI.t(), out=out_MO)
 
 
@@ -55,7 +69,7 @@ def linear(x: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
     M, O = x.numel() // x.shape[-1], w_OI.shape[0]
     if _small_rows(M, w_OI) and _fast_path_ok(x, w_OI):
         return torch.mm(w_OI, x.reshape(M, -1).t()).t().contiguous().view(*x.shape[:-1], O)
-    if ONEDNN and O >= WIDE_MIN_OUT and M <= WIDE_ROWS_MAX and _fast_path_ok(x, w_OI):
+    if _onednn_rows(M, w_OI) and _fast_path_ok(x, w_OI):
         return torch.ops.mkldnn._linear_pointwise(x, w_OI, None, "none", [], "")
     return F.linear(x, w_OI)
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from smoe.kernels import linear as L
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17, 40, 300])
-@pytest.mark.parametrize("out_features", [48, 1100, 9000])
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17, 40, 300, 600])
+@pytest.mark.parametrize("out_features", [48, 1100, 4200, 9000])  # 4200 x 64: a narrow weight oneDNN takes
 def test_linear_equals_f_linear(rows, out_features):
     g = torch.Generator().manual_seed(rows * 7 + out_features)
     x = torch.randn(1, rows, 64, generator=g)
