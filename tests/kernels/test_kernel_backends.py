@@ -58,6 +58,17 @@ def test_every_top_k_on_both_sorts(N, K):
     assert_same_as_naive(make(N, 12, 20, 6, K, seed=N + K))
 
 
+@pytest.mark.parametrize("N, K, H, pool", [(1, 2, 20, None), (40, 2, 20, None), (200, 2, 20, 3), (300, 4, 4200, None)])
+def test_inference_paths_equal_naive(N, K, H, pool):
+    # no autograd: the shared-buffer forward below PER_EXPERT_MIN_SLOTS slots, expert by expert from it
+    # (with empty experts when pool < E), and oneDNN's products for the 4200 x 64 weights
+    x, w1, w2, w3, experts, weights = make(N, 64, H, 6, K, seed=N, pool=pool)
+    with torch.no_grad():
+        ref = naive_moe(x, w1, w2, w3, experts, weights)
+        out = G.grouped_moe(x, w1, w2, w3, experts, weights)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_one_expert_takes_every_token_and_the_rest_are_empty():
     x, w1, w2, w3, _, weights = make(70, 8, 16, 5, 2)
     experts = torch.tensor([[4, 0]] * 70)
