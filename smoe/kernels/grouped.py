@@ -5,7 +5,8 @@ active expert multiplies its contiguous run of rows (written in place into one S
 concatenation), and the router-weighted outputs go back with one scatter-add. Empty experts cost
 nothing and no expert weight is ever copied, so a decode step reads only the chosen experts' weights.
 Autograd goes through a hand-written backward (the same segment matmuls, MegaBlocks-style) that
-keeps only the two S x H pre-activations.
+keeps only the two S x H pre-activations. fp32 inference on many slots runs expert by expert instead
+(gather, SwiGLU, scatter-add per expert), since its faster library products come in new tensors.
 
 Under torch.compile (decode only: few tokens) the per-expert loop would break the graph, so fixed-
 shape formulations are used instead: a gather (inductor fuses the indexed weight loads into the
