@@ -88,9 +88,11 @@ class KVCache:
         self.window = window
         self.static = static  # attend over the whole buffer every step (fixed shapes, for torch.compile)
         self.size = min(max_len, window) if window else max_len
-        shape = (n_layers, batch_size, n_kv_heads, self.size, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # one tensor per layer, not views of one: a compiled step then updates each in place, where
+        # in-place writes into views of a shared buffer made it rebuild and copy back the whole cache
+        shape = (batch_size, n_kv_heads, self.size, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.slot_pos = torch.full((batch_size, self.size), -1, dtype=torch.long, device=device)
         self.length = 0  # columns appended so far
 
