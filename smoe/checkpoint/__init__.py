@@ -10,6 +10,7 @@ import torch
 from smoe.checkpoint.files import TensorFiles, write_json, write_safetensors
 from smoe.checkpoint.formats import CheckpointError, hf_config_dict, params_dict, parse_dtype, read_config
 from smoe.checkpoint.keymap import IGNORED_SUFFIXES, Entry, entries, rope_to_halves, rope_to_pairs
+from smoe.kernels.memory import huge_copy, huge_empty
 from smoe.model.config import ModelConfig
 from smoe.model.transformer import Transformer
 
@@ -56,10 +57,12 @@ def load_state(path: Path, cfg: ModelConfig, fmt: str, dtype: torch.dtype, devic
             raise CheckpointError(f"{path}: tensor {e.key} has shape {tuple(found)}, expected {tuple(want)}")
 
     state: dict[str, torch.Tensor] = {}
+    on_cpu = torch.device(device).type == "cpu"  # large tensors go into huge pages (smoe.kernels.memory)
     for e in table:
         if e.expert is not None:  # one slice of a stacked expert weight
             if e.name not in state:
-                state[e.name] = torch.empty(param_shapes[e.name], dtype=dtype, device=device)
+                shape = param_shapes[e.name]
+                state[e.name] = (huge_empty(shape, dtype) if on_cpu else torch.empty(shape, dtype=dtype, device=device))
             state[e.name][e.expert].copy_(files.get(e.key))
             continue
         t = files.get(e.key)
@@ -68,7 +71,7 @@ def load_state(path: Path, cfg: ModelConfig, fmt: str, dtype: torch.dtype, devic
             t = t[:, :half] if e.rows == "first half" else t[:, half:]
         if e.rope_heads is not None:
             t = rope_to_halves(t, e.rope_heads)
-        state[e.name] = t.to(device=device, dtype=dtype).contiguous()
+        state[e.name] = huge_copy(t, dtype) if on_cpu else t.to(device=device, dtype=dtype).contiguous()
     return state
 
 

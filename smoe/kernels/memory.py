@@ -1,0 +1,113 @@
+"""CPU tensors in transparent huge pages (Linux): 2 MiB pages for the weights a decode step streams.
+
+With the default 4 KiB pages, a single core streaming a weight matrix takes a TLB miss every 4 KiB
+and its prefetchers stop at every page boundary; on this machine's EPYC that held a one-thread
+read to 24-27 GB/s, against 32-34 GB/s for the same read from huge pages. torch allocates CPU memory
+in huge pages only with THP_MEM_ALLOC_ENABLE=1 set before it is imported (for every allocation);
+these helpers do it for chosen tensors: memory is mapped untouched, advised MADV_HUGEPAGE, then filled.
+Where the kernel has THP off (or on non-Linux systems) they return ordinary tensors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+HUGE_PAGE = 2 << 20
+# tensors of at least this many bytes go into huge pages (smaller ones waste too much of a 2 MiB page)
+HUGE_MIN_BYTES = 4 << 20
+_MADV_HUGEPAGE = 14
+
+
+@functools.cache
+def thp_mode() -> str:
+    """The kernel's transparent-huge-page mode: 'always', 'madvise' or 'never' ('never' off Linux)."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "never"
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else "never"
+
+
+@functools.cache
+def _madvise():
+    if os.name != "posix":
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def huge_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor whose memory is advised into huge pages (a plain one where THP is off).
+
+    The storage is over-allocated by one huge page so the tensor can start on a 2 MiB boundary;
+    its pages are only faulted in (as huge pages) when first written."""
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    madvise = _madvise()
+    if nbytes < HUGE_MIN_BYTES or madvise is None or thp_mode() == "never":
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    start = -raw.data_ptr() % HUGE_PAGE
+    span = nbytes - nbytes % HUGE_PAGE
+    if madvise(raw.data_ptr() + start, span, _MADV_HUGEPAGE) != 0:  # refused (e.g. a seccomp sandbox)
+        return torch.empty(shape, dtype=dtype)
+    return raw[start:start + nbytes].view(dtype).view(shape)
+
+
+def huge_copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A contiguous copy of CPU tensor t (converted to dtype) in huge pages; t itself if that gains nothing."""
+    out = huge_empty(t.shape, dtype or t.dtype)
+    if out.untyped_storage().nbytes() == out.nbytes:  # not advised: no need to copy
+        return t.to(dtype or t.dtype).contiguous()
+    return out.copy_(t)
+
+
+@torch.no_grad()
+def to_huge_pages(module: torch.nn.Module) -> int:
+    """Move a CPU module's large parameters and buffers into huge pages, in place; returns bytes moved.
+
+    Tied parameters stay tied (each tensor is moved once)."""
+    moved: dict[int, torch.Tensor] = {}
+    total = 0
+    for sub in module.modules():
+        for group in (sub._parameters, sub._buffers):
+            for name, t in group.items():
+                if t is None or t.device.type != "cpu" or t.nbytes < HUGE_MIN_BYTES:
+                    continue
+                if id(t) not in moved:
+                    new = huge_copy(t.detach())
+                    if new.data_ptr() == t.data_ptr():
+                        continue
+                    moved[id(t)] = new
+                    total += t.nbytes
+                if isinstance(t, torch.nn.Parameter):
+                    t.data = moved[id(t)]
+                else:
+                    group[name] = moved[id(t)]
+    return total
+
+
+def huge_page_bytes(t: torch.Tensor) -> int:
+    """Bytes of t's memory that the kernel backs with huge pages now (from /proc/self/smaps; 0 if unknown)."""
+    lo, hi = t.data_ptr(), t.data_ptr() + t.nbytes
+    total, cur = 0, None
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        head = line.split(" ", 1)[0]
+        if "-" in head and ":" not in head:
+            a, b = (int(v, 16) for v in head.split("-"))
+            cur = (a, b) if a < hi and b > lo else None
+        elif cur is not None and line.startswith("AnonHugePages:"):
+            total += int(line.split()[1]) * 1024
+    return min(total, t.nbytes)
