@@ -12,6 +12,8 @@ import re
 
 import torch
 
+from smoe.kernels.memory import huge_zeros
+
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
 
@@ -41,8 +43,8 @@ class BlockPool:
                              f"blocks of {block_size}")
         self.n_blocks, self.block_size = n_blocks, block_size
         shape = (n_layers, n_blocks * block_size, n_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, slots, Hkv, hd)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = huge_zeros(shape, dtype, device)  # (L, slots, Hkv, hd); in huge pages on the CPU
+        self.v = huge_zeros(shape, dtype, device)
         self._free = list(range(n_blocks - 1, -1, -1))  # a stack: low ids are handed out first
 
     @classmethod

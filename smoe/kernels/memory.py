@@ -4,15 +4,14 @@ With the default 4 KiB pages, a single core streaming a weight matrix takes a TL
 and its prefetchers stop at every page boundary; on this machine's EPYC that held a one-thread
 read to 24-27 GB/s, against 32-34 GB/s for the same read from huge pages. torch allocates CPU memory
 in huge pages only with THP_MEM_ALLOC_ENABLE=1 set before it is imported (for every allocation);
-these helpers do it for chosen tensors: memory is mapped untouched, advised MADV_HUGEPAGE, then filled.
+these helpers do it for chosen tensors: memory is freshly mapped, advised MADV_HUGEPAGE, then filled.
 Where the kernel has THP off (or on non-Linux systems) they return ordinary tensors.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import os
+import mmap
 from pathlib import Path
 
 import torch
@@ -20,7 +19,6 @@ import torch
 HUGE_PAGE = 2 << 20
 # tensors of at least this many bytes go into huge pages (smaller ones waste too much of a 2 MiB page)
 HUGE_MIN_BYTES = 4 << 20
-_MADV_HUGEPAGE = 14
 
 
 @functools.cache
@@ -33,33 +31,30 @@ def thp_mode() -> str:
     return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else "never"
 
 
-@functools.cache
-def _madvise():
-    if os.name != "posix":
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return fn
-
-
 def huge_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor whose memory is advised into huge pages (a plain one where THP is off).
+    """An uninitialised CPU tensor in memory advised into huge pages (a plain one where THP is off).
 
-    The storage is over-allocated by one huge page so the tensor can start on a 2 MiB boundary;
-    its pages are only faulted in (as huge pages) when first written."""
+    The memory is a fresh private anonymous mapping (never recycled heap, whose pages may already be
+    4 KiB ones), one huge page longer so the tensor starts on a 2 MiB boundary; the spare tail is never
+    touched, so it costs address space, not memory. Pages become huge ones as they are first written."""
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-    madvise = _madvise()
-    if nbytes < HUGE_MIN_BYTES or madvise is None or thp_mode() == "never":
+    if nbytes < HUGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE") or thp_mode() == "never":
         return torch.empty(shape, dtype=dtype)
-    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
+    raw = torch.frombuffer(buf, dtype=torch.uint8)  # keeps buf alive as long as any view of it
     start = -raw.data_ptr() % HUGE_PAGE
-    span = nbytes - nbytes % HUGE_PAGE
-    if madvise(raw.data_ptr() + start, span, _MADV_HUGEPAGE) != 0:  # refused (e.g. a seccomp sandbox)
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE, start, nbytes - nbytes % HUGE_PAGE)
+    except OSError:  # refused (e.g. by a sandbox): ordinary memory
         return torch.empty(shape, dtype=dtype)
     return raw[start:start + nbytes].view(dtype).view(shape)
+
+
+def huge_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
+    """torch.zeros; on the CPU a large buffer in huge pages (a KV cache is streamed like the weights)."""
+    if torch.device(device or "cpu").type == "cpu":
+        return huge_empty(shape, dtype).zero_()
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def huge_copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from smoe.kernels.linear import materialize
-from smoe.kernels.memory import huge_empty
+from smoe.kernels.memory import huge_zeros
 
 
 class Attend(Protocol):
@@ -75,13 +75,6 @@ class SelfAttention:
         return sdpa(q, k, v, self._mask)
 
 
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
-    """Zeros; a large CPU buffer in huge pages (it is streamed every decode step, like the weights)."""
-    if torch.device(device or "cpu").type == "cpu":
-        return huge_empty(shape, dtype).zero_()
-    return torch.zeros(shape, dtype=dtype, device=device)
-
-
 class KVCache:
     """Static K/V buffers for B sequences decoded in lock-step (left-padded), one column per step.
 
@@ -99,8 +92,8 @@ class KVCache:
         # one tensor per layer, not views of one: a compiled step then updates each in place, where
         # in-place writes into views of a shared buffer made it rebuild and copy back the whole cache
         shape = (batch_size, n_kv_heads, self.size, head_dim)
-        self.k = [_zeros(shape, dtype, device) for _ in range(n_layers)]
-        self.v = [_zeros(shape, dtype, device) for _ in range(n_layers)]
+        self.k = [huge_zeros(shape, dtype, device) for _ in range(n_layers)]
+        self.v = [huge_zeros(shape, dtype, device) for _ in range(n_layers)]
         self.slot_pos = torch.full((batch_size, self.size), -1, dtype=torch.long, device=device)
         self.length = 0  # columns appended so far
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from smoe.kernels import memory
 from smoe.kernels.memory import HUGE_MIN_BYTES, HUGE_PAGE, huge_copy, huge_empty, huge_page_bytes, to_huge_pages
 from smoe.model.attention import KVCache
 
-THP = memory.thp_mode() != "never" and memory._madvise() is not None
+THP = memory.thp_mode() != "never" and hasattr(mmap, "MADV_HUGEPAGE")
 
 
 def _advised(t: torch.Tensor) -> bool:
