@@ -40,12 +40,12 @@ def huge_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
     if nbytes < HUGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE") or thp_mode() == "never":
         return torch.empty(shape, dtype=dtype)
-    buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
-    raw = torch.frombuffer(buf, dtype=torch.uint8)  # keeps buf alive as long as any view of it
-    start = -raw.data_ptr() % HUGE_PAGE
     try:
+        buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
+        raw = torch.frombuffer(buf, dtype=torch.uint8)  # keeps buf alive as long as any view of it
+        start = -raw.data_ptr() % HUGE_PAGE
         buf.madvise(mmap.MADV_HUGEPAGE, start, nbytes - nbytes % HUGE_PAGE)
-    except OSError:  # refused (e.g. by a sandbox): ordinary memory
+    except OSError:  # mapping or advice refused (a memory limit, a sandbox): ordinary memory
         return torch.empty(shape, dtype=dtype)
     return raw[start:start + nbytes].view(dtype).view(shape)
 
