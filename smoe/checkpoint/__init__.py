@@ -62,7 +62,7 @@ def load_state(path: Path, cfg: ModelConfig, fmt: str, dtype: torch.dtype, devic
         if e.expert is not None:  # one slice of a stacked expert weight
             if e.name not in state:
                 shape = param_shapes[e.name]
-                state[e.name] = (huge_empty(shape, dtype) if on_cpu else torch.empty(shape, dtype=dtype, device=device))
+                state[e.name] = huge_empty(shape, dtype) if on_cpu else torch.empty(shape, dtype=dtype, device=device)
             state[e.name][e.expert].copy_(files.get(e.key))
             continue
         t = files.get(e.key)

@@ -31,14 +31,18 @@ def thp_mode() -> str:
     return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else "never"
 
 
+def _worth_huge(nbytes: int) -> bool:
+    return nbytes >= HUGE_MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE") and thp_mode() != "never"
+
+
 def huge_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor in memory advised into huge pages (a plain one where THP is off).
 
     The memory is a fresh private anonymous mapping (never recycled heap, whose pages may already be
     4 KiB ones), one huge page longer so the tensor starts on a 2 MiB boundary; the spare tail is never
     touched, so it costs address space, not memory. Pages become huge ones as they are first written."""
-    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-    if nbytes < HUGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE") or thp_mode() == "never":
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
+    if not _worth_huge(nbytes):
         return torch.empty(shape, dtype=dtype)
     try:
         buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
@@ -58,10 +62,12 @@ def huge_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device 
 
 
 def huge_copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A contiguous copy of CPU tensor t (converted to dtype) in huge pages; t itself if that gains nothing."""
-    out = huge_empty(t.shape, dtype or t.dtype)
-    if out.untyped_storage().nbytes() == out.nbytes:  # not advised: no need to copy
-        return t.to(dtype or t.dtype).contiguous()
+    """t converted to dtype, contiguous, in huge pages; as t.to(dtype).contiguous() (t itself if it already
+    is) where huge pages are not used."""
+    dtype = dtype or t.dtype
+    out = huge_empty(t.shape, dtype) if _worth_huge(t.numel() * dtype.itemsize) else None
+    if out is None or out.untyped_storage().nbytes() == out.nbytes:  # not advised: no need for a new copy
+        return t.to(dtype).contiguous()
     return out.copy_(t)
 
 
