@@ -97,11 +97,11 @@ def _as_ids(prompt, tokenizer: Tokenizer | None) -> list[int]:
 
 @torch.inference_mode()
 def stream(model, prompts, params: SamplingParams | None = None, tokenizer: Tokenizer | None = None,
-           compile: bool = False, **overrides) -> Iterator[Event]:
+           compile: bool | str = False, **overrides) -> Iterator[Event]:
     """Generate for one prompt or a batch (text or ids), yielding an Event per sequence per step.
 
     compile: compile the decode step (torch.compile on the CPU, a CUDA graph on CUDA; eager if that
-    fails; see smoe.generation.compiled).
+    fails); "aot": on the CPU ahead of time with AOTInductor (see smoe.generation.compiled).
     """
     params = SamplingParams(**overrides) if params is None else dataclasses.replace(params, **overrides)
     single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
