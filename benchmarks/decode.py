@@ -2,7 +2,8 @@
 weights, against the memory roofline measured in the same run.
 
 Decode time per token = (t(generate n_long) - t(generate n_short)) / (n_long - n_short), which
-cancels prefill and setup for every implementation alike. Roofline at batch 1: the bytes of weights
+cancels prefill and setup for every implementation alike; median of `--repeat` rounds, each of which
+times every implementation in turn. Roofline at batch 1: the bytes of weights
 one token must read (its top-k experts, attention, router and norms of every layer, one embedding
 row, the output projection) / the streaming-read bandwidth measured here. On the CPU both models'
 weights and the bandwidth probe's buffer are in huge pages (smoe.kernels.memory), as load_model places
@@ -87,15 +88,18 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t
 
 
-def decode_seconds(run, n_short: int, n_long: int, repeat: int, device) -> tuple[float, list[float]]:
-    """Median per-token decode time from paired short/long generations (interleaved)."""
-    run(n_short)
-    per_token = []
+def decode_seconds(runs: dict, n_short: int, n_long: int, repeat: int, device) -> dict[str, list[float]]:
+    """Per-token decode times of each implementation from paired short/long generations, in rounds that
+    take every implementation in turn (so load from other processes hits them alike)."""
+    for run in runs.values():
+        run(n_short)
+    per_token: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeat):
-        t_long = timed(lambda: run(n_long), device)
-        t_short = timed(lambda: run(n_short), device)
-        per_token.append(max(t_long - t_short, 1e-9) / (n_long - n_short))
-    return median(per_token), per_token
+        for name, run in runs.items():
+            t_long = timed(lambda run=run: run(n_long), device)
+            t_short = timed(lambda run=run: run(n_short), device)
+            per_token[name].append(max(t_long - t_short, 1e-9) / (n_long - n_short))
+    return per_token
 
 
 def bench_model(name: str, cfg: ModelConfig, dtype: torch.dtype, batches: list[int], impls: list[str],
@@ -112,6 +116,7 @@ def bench_model(name: str, cfg: ModelConfig, dtype: torch.dtype, batches: list[i
     for B in batches:
         batch = prompts[:B] if B > 1 else prompts[0]
         row = {"model": name, "dtype": str(dtype)[6:], "batch": B, "tok_s": {}, "samples_s": {}}
+        runs = {}
         for impl in impls:
             if impl == "transformers":
                 ids = torch.tensor(prompts[:B], device=device)
@@ -127,10 +132,11 @@ def bench_model(name: str, cfg: ModelConfig, dtype: torch.dtype, batches: list[i
                     generate(model, batch, max_tokens=n, ignore_eos=True, compile=compile_)
             if impl in ("smoe-compile", "smoe-aot"):  # the first step builds (or loads) the compiled step
                 row.setdefault("compile_s", {})[impl] = timed(lambda run=run: run(2), device)
-            sec, samples = decode_seconds(run, args.short, args.long, args.repeat, device)
-            row["tok_s"][impl] = B / sec
+            runs[impl] = run
+        for impl, samples in decode_seconds(runs, args.short, args.long, args.repeat, device).items():
+            row["tok_s"][impl] = B / median(samples)
             row["samples_s"][impl] = samples
-            print(f"  {name} {row['dtype']} batch {B} {impl}: {B / sec:.1f} tok/s", flush=True)
+            print(f"  {name} {row['dtype']} batch {B} {impl}: {row['tok_s'][impl]:.1f} tok/s", flush=True)
         rows.append(row)
     tmp.cleanup()
     return rows
