@@ -172,7 +172,7 @@ class AOTStep:
     def __init__(self, fallback: CompiledStep):
         self.fallback = fallback
         self.runners: dict[tuple, tuple[object, dict[str, torch.Tensor]]] = {}
-        self.cache_id: int | None = None
+        self.cache_ref: Callable[[], object] | None = None  # the current generation's KV cache (weakly)
         self.failed: str | None = None
 
     def __call__(self, model, tokens_B1, positions_B1, attn, top_k):
@@ -189,8 +189,8 @@ class AOTStep:
 
     def _runner(self, model, tokens_B1, positions_B1, attn, top_k):
         key = (id(model), tuple(tokens_B1.shape), attn.n, top_k, model.dtype)
-        new_generation = id(attn.cache) != self.cache_id
-        self.cache_id = id(attn.cache)
+        new_generation = self.cache_ref is None or self.cache_ref() is not attn.cache  # not id(): ids are reused
+        self.cache_ref = weakref.ref(attn.cache)
         if key not in self.runners:
             module = _StepModule(model, attn.n, top_k)
             example = (tokens_B1, positions_B1, attn.slots, attn.mask, attn.cache.k, attn.cache.v)
