@@ -215,13 +215,16 @@ class AOTStep:
         path = aot_cache_dir() / f"step-{hashlib.sha256(ident.encode()).hexdigest()[:24]}.pt2"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            with torch.inference_mode(False), torch.no_grad():  # export traces normal tensors: clone the inputs
+            tmp = path.with_name(f"{path.stem}.{os.getpid()}.pt2")
+            # export traces normal tensors (clones of the inference-mode inputs); torch's own deprecation
+            # warnings from inside export are not the user's to act on
+            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
                 example = torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
                                                        example)
                 ep = torch.export.export(module, example, strict=False)
-            tmp = path.with_name(f"{path.stem}.{os.getpid()}.pt2")
-            torch._inductor.aoti_compile_and_package(
-                ep, package_path=str(tmp), inductor_configs={"aot_inductor.package_constants_in_so": False})
+                torch._inductor.aoti_compile_and_package(
+                    ep, package_path=str(tmp), inductor_configs={"aot_inductor.package_constants_in_so": False})
             os.replace(tmp, path)  # atomic: a concurrent or killed build never leaves a partial package
         return path
 
