@@ -1,12 +1,13 @@
 """The decode step of the generation loop: eager, or compiled (torch.compile on the CPU, a replayed
 CUDA graph on CUDA).
 
-Compiled on the CPU, one step (B new tokens into a static KV cache) is a single fixed-shape graph: attention
-over the whole cache buffer with a mask (KVCache(static=True)), MoE through the fixed-shape
-formulations of smoe.kernels.grouped, and single-row linears as fp32-accumulated reductions that
-inductor turns into one streaming pass over the weight (on this CPU that reads bf16 weights at
-about twice the bandwidth of the library's single-row matmul, and fp32 tall-skinny ones too).
-If compiling fails the step falls back to eager with a warning.
+Compiled on the CPU, one step (B new tokens into the KV cache) is a single graph whose only dynamic
+sizes are the cache's length S and the n filled slots it attends over (so attention costs the
+filled part, not the whole buffer, and one graph serves every prompt and cache length): MoE
+through the fixed-shape formulations of smoe.kernels.grouped, and single-row linears as
+fp32-accumulated reductions that inductor turns into one streaming pass over the weight (on this
+CPU that reads bf16 weights at about twice the bandwidth of the library's single-row matmul, and fp32
+tall-skinny ones too). If compiling fails the step falls back to eager with a warning.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from smoe.model.attention import _WriteThenAttend
 GEMV_MAX_ROWS = 1
 # on the CPU, batches up to this size decode through torch.compile (single-row reductions); larger ones eagerly
 CPU_COMPILE_MAX_BATCH = 1
-# the static cache length is rounded up to a multiple of this, so prompts of similar length share a graph
+# a static (CUDA graph) cache length is rounded up to a multiple of this, so similar prompts share a graph
 STATIC_LEN_MULTIPLE = 256
 
 Step = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, object, int | None], torch.Tensor]
@@ -61,8 +62,18 @@ def _traced_step(model, tokens_B1, positions_B1, attn, top_k):
         return model(tokens_B1, positions_B1, attn, top_k=top_k)[:, -1]
 
 
+def _lengths_dynamic(attn) -> None:
+    """Mark the cache length and the attended length as dynamic sizes for torch.compile."""
+    if isinstance(attn, _WriteThenAttend):
+        torch._dynamo.maybe_mark_dynamic(attn.mask, 3)
+        for t in (*attn.cache.k, *attn.cache.v):
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+
+
 class CompiledStep:
-    """eager_step through torch.compile (one graph per batch size and cache length); eager if that fails."""
+    """eager_step through torch.compile (one graph per batch size, any cache length); eager if that fails."""
+
+    static_cache = False
 
     def __init__(self):
         self.fn = torch.compile(_traced_step, dynamic=False)
@@ -71,6 +82,7 @@ class CompiledStep:
     def __call__(self, model, tokens_B1, positions_B1, attn, top_k):
         if self.failed is None:
             try:
+                _lengths_dynamic(attn)
                 return self.fn(model, tokens_B1, positions_B1, attn, top_k)
             except Exception as err:  # a missing C++ compiler, an unsupported op: keep generating, eagerly
                 self.failed = f"{type(err).__name__}: {err}"
@@ -87,6 +99,8 @@ class CUDAGraphStep:
     any Triton kernels), the second is captured. Needs a static cache and a sync-free MoE backend
     (`triton` at decode sizes); otherwise, or if capture fails, the step stays eager (warned once).
     """
+
+    static_cache = True
 
     def __init__(self):
         self.key = None
@@ -124,7 +138,7 @@ class CUDAGraphStep:
 
     def _capture(self, model, tokens_B1, positions_B1, attn, top_k):
         self.tokens, self.positions = tokens_B1.clone(), positions_B1.clone()
-        self.attn = type(attn)(attn.cache, attn.slots.clone(), attn.n, attn.mask.clone())
+        self.attn = type(attn)(attn.cache, attn.slots.clone(), attn.mask.clone())
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.out = eager_step(model, self.tokens, self.positions, self.attn, top_k)
@@ -134,13 +148,28 @@ class CUDAGraphStep:
 class _StepModule(torch.nn.Module):
     """The decode step as a module for torch.export: the KV cache tensors are inputs, written in place."""
 
-    def __init__(self, model: torch.nn.Module, n: int, top_k: int | None):
+    def __init__(self, model: torch.nn.Module, top_k: int | None):
         super().__init__()
-        self.model, self.n, self.top_k = model, n, top_k
+        self.model, self.top_k = model, top_k
 
     def forward(self, tokens_B1, positions_B1, slots, mask, ks: list[torch.Tensor], vs: list[torch.Tensor]):
-        attn = _WriteThenAttend(SimpleNamespace(k=ks, v=vs), slots, self.n, mask)
+        for t in (*ks, *vs):  # the cache's spare column: fewer slots attended than the buffer has
+            torch._check(mask.shape[-1] < t.shape[2])
+        attn = _WriteThenAttend(SimpleNamespace(k=ks, v=vs), slots, mask)
         return _traced_step(self.model, tokens_B1, positions_B1, attn, self.top_k)
+
+    def example(self, tokens_B1: torch.Tensor, cache_k: torch.Tensor) -> tuple[tuple, tuple]:
+        """Example inputs for export (a short cache, half filled) and their dynamic sizes: the cache
+        length S of every K/V tensor and the attended length n of the mask."""
+        L, limit = self.model.config.n_layers, self.model.config.max_seq_len
+        B, Hkv, _, hd = cache_k.shape
+        S = min(64, limit)
+        n = max(2, S // 2)
+        kv = [torch.zeros(B, Hkv, S, hd, dtype=cache_k.dtype) for _ in range(2 * L)]
+        inputs = (torch.zeros_like(tokens_B1), torch.full_like(tokens_B1, n - 1), torch.tensor([n - 1]),
+                  torch.ones(B, 1, 1, n, dtype=torch.bool), kv[:L], kv[L:])
+        S_dim, n_dim = torch.export.Dim("S", min=3, max=limit + 1), torch.export.Dim("n", min=2, max=limit)
+        return inputs, (None, None, None, {3: n_dim}, [{2: S_dim}] * L, [{2: S_dim}] * L)
 
 
 def _source_hash() -> str:
@@ -163,11 +192,13 @@ class AOTStep:
     """On the CPU: the decode step compiled ahead of time by AOTInductor and run from C++, without the
     per-token guard check and Python wrapper of torch.compile (the small model's step: 1.75 vs 2.1 ms).
 
-    One package per model config, dtype, batch, cache length and top_k, built once (tens of seconds) and
-    kept on disk (aot_cache_dir()). Its weights are the model's live parameters, not copies: if they are
-    replaced (not updated in place) the step sees it at the next generation and rebinds. Needs a static
-    cache; falls back to CompiledStep (warned once) if export or compilation fails.
+    One package per model config, dtype, batch and top_k (any cache length: it is a dynamic size), built
+    once (tens of seconds) and kept on disk (aot_cache_dir()). Its weights are the model's live
+    parameters, not copies: if they are replaced (not updated in place) the step sees it at the next
+    generation and rebinds. Falls back to CompiledStep (warned once) if export or compilation fails.
     """
+
+    static_cache = False
 
     def __init__(self, fallback: CompiledStep):
         self.fallback = fallback
@@ -177,7 +208,7 @@ class AOTStep:
 
     def __call__(self, model, tokens_B1, positions_B1, attn, top_k):
         cache = getattr(attn, "cache", None)
-        if self.failed is None and isinstance(attn, _WriteThenAttend) and cache.static and tokens_B1.is_cpu:
+        if self.failed is None and isinstance(attn, _WriteThenAttend) and tokens_B1.is_cpu:
             try:
                 run = self._runner(model, tokens_B1, positions_B1, attn, top_k)
                 return run(tokens_B1, positions_B1, attn.slots, attn.mask, cache.k, cache.v)
@@ -188,13 +219,12 @@ class AOTStep:
         return self.fallback(model, tokens_B1, positions_B1, attn, top_k)
 
     def _runner(self, model, tokens_B1, positions_B1, attn, top_k):
-        key = (id(model), tuple(tokens_B1.shape), attn.n, top_k, model.dtype)
+        key = (id(model), tuple(tokens_B1.shape), top_k, model.dtype)
         new_generation = self.cache_ref is None or self.cache_ref() is not attn.cache  # not id(): ids are reused
         self.cache_ref = weakref.ref(attn.cache)
         if key not in self.runners:
-            module = _StepModule(model, attn.n, top_k)
-            example = (tokens_B1, positions_B1, attn.slots, attn.mask, attn.cache.k, attn.cache.v)
-            runner = torch._inductor.aoti_load_package(str(self._package(module, example, key)))
+            module = _StepModule(model, top_k)
+            runner = torch._inductor.aoti_load_package(str(self._package(module, tokens_B1, attn.cache.k[0], key)))
             self.runners[key] = (runner, {})
             weakref.finalize(model, self.runners.pop, key, None)  # drop the runner and its weights with the model
             new_generation = True
@@ -209,20 +239,19 @@ class AOTStep:
         return runner
 
     @staticmethod
-    def _package(module: _StepModule, example: tuple, key: tuple) -> Path:
+    def _package(module: _StepModule, tokens_B1: torch.Tensor, cache_k: torch.Tensor, key: tuple) -> Path:
         cfg = module.model.config.to_dict()
-        ident = json.dumps([cfg, str(key[4]), key[1:4], _source_hash()], sort_keys=True, default=str)
+        ident = json.dumps([cfg, str(key[3]), key[1:3], _source_hash()], sort_keys=True, default=str)
         path = aot_cache_dir() / f"step-{hashlib.sha256(ident.encode()).hexdigest()[:24]}.pt2"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.stem}.{os.getpid()}.pt2")
-            # export traces normal tensors (clones of the inference-mode inputs); torch's own deprecation
+            # export traces normal tensors (made outside inference mode); torch's own deprecation
             # warnings from inside export are not the user's to act on
             with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
-                example = torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
-                                                       example)
-                ep = torch.export.export(module, example, strict=False)
+                example, dynamic = module.example(tokens_B1, cache_k)
+                ep = torch.export.export(module, example, dynamic_shapes=dynamic, strict=False)
                 torch._inductor.aoti_compile_and_package(
                     ep, package_path=str(tmp), inductor_configs={"aot_inductor.package_constants_in_so": False})
             os.replace(tmp, path)  # atomic: a concurrent or killed build never leaves a partial package

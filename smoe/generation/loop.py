@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from smoe.generation.compiled import decode_step, eager_step, static_len
+from smoe.generation.compiled import decode_step, static_len
 from smoe.generation.sampling import SamplingParams, make_generator, sample
 from smoe.model.attention import KVCache
 from smoe.tokenizer import IncrementalDecoder, Tokenizer
@@ -127,7 +127,7 @@ def stream(model, prompts, params: SamplingParams | None = None, tokenizer: Toke
     all_valid = bool(valid.all())
 
     step_fn = decode_step(compile, device, B)
-    if step_fn is not eager_step:  # fixed shapes: a whole-buffer cache, its length shared by similar prompts
+    if getattr(step_fn, "static_cache", False):  # CUDA graphs: a whole-buffer cache shared by similar prompts
         cache = KVCache.for_model(model, B, static_len(T + max_new, cfg.max_seq_len), static=True)
     else:
         cache = KVCache.for_model(model, B, T + max_new)

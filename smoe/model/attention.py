@@ -87,11 +87,13 @@ class KVCache:
                  window: int | None = None, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, static: bool = False):
         self.window = window
-        self.static = static  # attend over the whole buffer every step (fixed shapes, for torch.compile)
+        self.static = static  # attend over the whole buffer every step (fixed shapes, for CUDA graphs)
         self.size = min(max_len, window) if window else max_len
         # one tensor per layer, not views of one: a compiled step then updates each in place, where
-        # in-place writes into views of a shared buffer made it rebuild and copy back the whole cache
-        shape = (batch_size, n_kv_heads, self.size, head_dim)
+        # in-place writes into views of a shared buffer made it rebuild and copy back the whole cache;
+        # one spare column past `size`, never used, so the n <= size slots a step attends over are
+        # always fewer than the buffer's: one compiled graph then holds for every n (see _StepModule)
+        shape = (batch_size, n_kv_heads, self.size + 1, head_dim)
         self.k = [huge_zeros(shape, dtype, device) for _ in range(n_layers)]
         self.v = [huge_zeros(shape, dtype, device) for _ in range(n_layers)]
         self.slot_pos = torch.full((batch_size, self.size), -1, dtype=torch.long, device=device)
@@ -124,7 +126,7 @@ class KVCache:
             if self.window is not None:
                 m = m & (q_pos - k_pos < self.window)
             m = m | (slots[:, None] == torch.arange(n, device=device))[None]
-            return _WriteThenAttend(self, slots, n, m[:, None])
+            return _WriteThenAttend(self, slots, m[:, None])
         # a chunk that wraps the rolling buffer: attend over [old slots | new keys], keep the last S
         keep = min(T, S)
         k_pos = torch.cat([self.slot_pos, new_pos], dim=1)[:, None, :]  # (B, 1, S+T)
@@ -139,16 +141,20 @@ class KVCache:
 
 
 class _WriteThenAttend:
-    def __init__(self, cache: KVCache, slots: torch.Tensor, n: int, mask: torch.Tensor):
-        self.cache, self.slots, self.n, self.mask = cache, slots, n, mask
+    """Write the new columns into their slots, then attend over the first n slots, n = mask.shape[-1]
+    (a compiled step takes n from the mask, so one graph serves every cache length)."""
+
+    def __init__(self, cache: KVCache, slots: torch.Tensor, mask: torch.Tensor):
+        self.cache, self.slots, self.mask = cache, slots, mask  # mask (B, 1, T, n)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        ck, cv = self.cache.k[layer], self.cache.v[layer]  # (B, Hkv, S, hd)
+        ck, cv = self.cache.k[layer], self.cache.v[layer]  # (B, Hkv, S + 1, hd)
         ck.index_copy_(2, self.slots, k)
         cv.index_copy_(2, self.slots, v)
+        n = self.mask.shape[-1]
         if q.shape[2] == 1 and torch.compiler.is_compiling():  # a compiled decode step
-            return attend_one(q, ck[:, :, : self.n], cv[:, :, : self.n], self.mask)
-        return sdpa(q, ck[:, :, : self.n], cv[:, :, : self.n], self.mask)
+            return attend_one(q, ck[:, :, :n], cv[:, :, :n], self.mask)
+        return sdpa(q, ck[:, :, :n], cv[:, :, :n], self.mask)
 
 
 class _AttendThenWrite:
@@ -156,8 +162,9 @@ class _AttendThenWrite:
         self.cache, self.slots, self.first_kept, self.mask = cache, slots, first_kept, mask
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        S = self.cache.size  # the buffer's slots (less the spare column), then the T new keys
         ck, cv = self.cache.k[layer], self.cache.v[layer]
-        out = sdpa(q, torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2), self.mask)
+        out = sdpa(q, torch.cat([ck[:, :, :S], k], dim=2), torch.cat([cv[:, :, :S], v], dim=2), self.mask)
         ck.index_copy_(2, self.slots, k[:, :, self.first_kept:])
         cv.index_copy_(2, self.slots, v[:, :, self.first_kept:])
         return out

@@ -1,5 +1,6 @@
-"""The compiled decode step (torch.compile on the CPU, CUDA graphs on a GPU) and the static KV cache it
-needs: the same tokens as the eager loop, and a clean eager fallback."""
+"""The compiled decode step (torch.compile or AOTInductor on the CPU, CUDA graphs on a GPU) and the
+static KV cache CUDA graphs need: the same tokens as the eager loop, one graph for every cache length,
+and a clean eager fallback."""
 
 from __future__ import annotations
 
@@ -65,6 +66,21 @@ def test_compiled_decode_gives_the_eager_tokens(monkeypatch, materialize_min):
     assert compiled._compiled.failed is None
 
 
+@pytest.mark.timeout(300)
+def test_compiled_decode_is_one_graph_for_every_cache_length(monkeypatch):
+    # the attended length grows every step and the cache length follows the prompt and max_tokens:
+    # both are dynamic sizes, so nothing recompiles
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(compiled, "_compiled", compiled.CompiledStep())
+    model = tiny_model(seed=8)
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    for prompt, n in (([3, 17, 42], 9), ([5, 6, 7, 8, 9, 10, 11], 20), ([1, 2], 4)):
+        fast = generate(model, prompt, max_tokens=n, compile=True)
+        assert fast.tokens == generate(model, prompt, max_tokens=n).tokens
+    assert counters["stats"]["unique_graphs"] - before == 1 and compiled._compiled.failed is None
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch):
     model = tiny_model(seed=6)
     step = compiled.CompiledStep()
@@ -108,9 +124,9 @@ def test_materialize_is_an_opaque_copy():
     torch.testing.assert_close(fn(x, w), (x * 2) @ w.T, rtol=1e-5, atol=1e-5)
 
 
-def _greedy_logits(model, prompt, steps, step_fn):
-    """Logits of each greedy step, decoding with step_fn over a static cache (eager prefill)."""
-    cache = KVCache.for_model(model, 1, 32, static=True)
+def _greedy_logits(model, prompt, steps, step_fn, length=32, static=True):
+    """Logits of each greedy step, decoding with step_fn over a KV cache of `length` (eager prefill)."""
+    cache = KVCache.for_model(model, 1, length, static=static)
     logits, out = None, []
     with torch.inference_mode():
         pos = torch.arange(len(prompt))[None]
@@ -131,9 +147,10 @@ def test_aot_decode_equals_eager_and_follows_replaced_weights(monkeypatch, tmp_p
     model, other = tiny_model(seed=11), tiny_model(seed=12)  # same config: one package, two weight sets
     prompt = [3, 17, 42, 9, 100]
     eager = compiled.eager_step
-    for m in (model, other, model):
-        torch.testing.assert_close(_greedy_logits(m, prompt, 10, step), _greedy_logits(m, prompt, 10, eager),
-                                   rtol=1e-5, atol=1e-5)
+    for m, length, static in ((model, 32, True), (other, 32, True), (model, 15, False), (model, 40, False)):
+        # a whole-buffer cache or one that attends over its filled slots, of any length: one package
+        torch.testing.assert_close(_greedy_logits(m, prompt, 10, step, length, static),
+                                   _greedy_logits(m, prompt, 10, eager, length, static), rtol=1e-5, atol=1e-5)
     assert step.failed is None and len(list(tmp_path.glob("aot/*.pt2"))) == 1
     # parameters replaced (not updated in place): the next generation rebinds to the new tensors
     with torch.no_grad():

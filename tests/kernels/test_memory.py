@@ -75,5 +75,5 @@ def test_load_places_stacked_experts_in_huge_pages(tmp_path):
 
 def test_kv_cache_buffers_are_zero():
     cache = KVCache(2, 1, 4, 128, 4096)  # 8 MB per layer and tensor: huge pages where available
-    assert len(cache.k) == 2 and all(t.shape == (1, 4, 4096, 128) and not t.any() for t in cache.k + cache.v)
+    assert len(cache.k) == 2 and all(t.shape == (1, 4, 4097, 128) and not t.any() for t in cache.k + cache.v)
     assert cache.k[0].data_ptr() != cache.k[1].data_ptr()
