@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -21,6 +22,16 @@ def _add_sampling(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: as stored)")
+
+
+def _log_to_stderr(name: str) -> None:
+    """Show the INFO messages of one smoe logger on stderr (stdout carries the generated text)."""
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def _load(args):
@@ -54,14 +65,17 @@ def cmd_init(args) -> None:
 
 def cmd_generate(args) -> None:
     from smoe.generation import stream
+    _log_to_stderr("smoe.generation")  # e.g. the one-time build of a compiled decode step
     model, tok = _load(args)
     if args.backend:
         model.set_moe_backend(args.backend)
-    sys.stdout.write(args.prompt)
-    for ev in stream(model, args.prompt, _sampling(args), tok, compile="aot" if args.aot else args.compile):
-        sys.stdout.write(ev.text)
+    compile_ = "aot" if args.aot else {None: False, "aot": True, "jit": "jit"}[args.compile]
+    started = False  # the prompt goes out with the first token, after any message about building the step
+    for ev in stream(model, args.prompt, _sampling(args), tok, compile=compile_):
+        sys.stdout.write(ev.text if started else args.prompt + ev.text)
         sys.stdout.flush()
-    sys.stdout.write("\n")
+        started = True
+    sys.stdout.write(("" if started else args.prompt) + "\n")
 
 
 def cmd_chat(args) -> None:
@@ -244,11 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--prompt", required=True)
     p.add_argument("--backend", default=None, help="MoE backend: naive | grouped | triton")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the decode step (torch.compile on CPU, CUDA graph on GPU; slow first step)")
-    p.add_argument("--aot", action="store_true",
-                   help="on the CPU, compile the decode step ahead of time (AOTInductor; built once per shape and "
-                        "cached on disk, tens of seconds the first time): faster per token than --compile")
+    p.add_argument("--compile", nargs="?", const="aot", choices=["aot", "jit"], default=None,
+                   help="compile the decode step: on the CPU ahead of time (aot, the default: AOTInductor, built "
+                        "once per model shape in tens of seconds and kept on disk) or by torch.compile (jit); "
+                        "a CUDA graph on GPU")
+    p.add_argument("--aot", action="store_true", help=argparse.SUPPRESS)  # the same as --compile (older name)
     _add_sampling(p)
     p.set_defaults(fn=cmd_generate)
 

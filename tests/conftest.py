@@ -16,6 +16,14 @@ TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, n_expert
             max_seq_len=256)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _compiled_steps_in_a_temporary_cache(tmp_path_factory):
+    """AOT-compiled decode steps are built into a folder of this test run, not the user's cache."""
+    if "SMOE_CACHE" not in os.environ:
+        os.environ["SMOE_CACHE"] = str(tmp_path_factory.mktemp("smoe-cache"))
+    yield
+
+
 def tiny_config(**changes) -> ModelConfig:
     """A very small Mixtral-architecture config; keyword arguments change fields."""
     return ModelConfig(**{**TINY, **changes})

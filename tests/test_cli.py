@@ -31,3 +31,14 @@ def test_info_init_generate_chat_convert(tmp_path, capsys, monkeypatch):
 def test_bad_preset_is_a_clear_error(tmp_path, capsys):
     assert main(["init", str(tmp_path / "x"), "--preset", "huge"]) == 2
     assert "unknown preset 'huge'" in capsys.readouterr().err
+
+
+def test_generate_compile_flag_picks_the_step(tmp_path, monkeypatch):
+    import smoe.generation
+    out = tmp_path / "m"
+    assert main(["init", str(out), "--preset", "tiny", "--seed", "1"]) == 0
+    seen = []
+    monkeypatch.setattr(smoe.generation, "stream", lambda *a, compile, **k: seen.append(compile) or iter(()))
+    for flags in ([], ["--compile"], ["--compile", "jit"], ["--compile", "aot"], ["--aot"]):
+        assert main(["generate", str(out), "--prompt", "x", *flags]) == 0
+    assert seen == [False, True, "jit", True, "aot"]

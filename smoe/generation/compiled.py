@@ -1,5 +1,5 @@
-"""The decode step of the generation loop: eager, or compiled (torch.compile on the CPU, a replayed
-CUDA graph on CUDA).
+"""The decode step of the generation loop: eager, or compiled (on the CPU ahead of time by AOTInductor,
+or by torch.compile; a replayed CUDA graph on CUDA).
 
 Compiled on the CPU, one step (B new tokens into the KV cache) is a single graph whose only dynamic
 sizes are the cache's length S and the n filled slots it attends over (so attention costs the
@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import time
 import warnings
 import weakref
 from collections.abc import Callable
@@ -26,7 +28,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from smoe.kernels.linear import reduction_input
-from smoe.model.attention import _WriteThenAttend
+from smoe.model.attention import KVCache, _WriteThenAttend
+
+log = logging.getLogger("smoe.generation")
 
 # linears with at most this many rows become reductions inside the compiled step
 GEMV_MAX_ROWS = 1
@@ -158,15 +162,15 @@ class _StepModule(torch.nn.Module):
         attn = _WriteThenAttend(SimpleNamespace(k=ks, v=vs), slots, mask)
         return _traced_step(self.model, tokens_B1, positions_B1, attn, self.top_k)
 
-    def example(self, tokens_B1: torch.Tensor, cache_k: torch.Tensor) -> tuple[tuple, tuple]:
+    def example(self, batch_size: int, cache_k: torch.Tensor) -> tuple[tuple, tuple]:
         """Example inputs for export (a short cache, half filled) and their dynamic sizes: the cache
         length S of every K/V tensor and the attended length n of the mask."""
         L, limit = self.model.config.n_layers, self.model.config.max_seq_len
-        B, Hkv, _, hd = cache_k.shape
+        B, Hkv, hd = batch_size, cache_k.shape[1], cache_k.shape[3]
         S = min(64, limit)
         n = max(2, S // 2)
         kv = [torch.zeros(B, Hkv, S, hd, dtype=cache_k.dtype) for _ in range(2 * L)]
-        inputs = (torch.zeros_like(tokens_B1), torch.full_like(tokens_B1, n - 1), torch.tensor([n - 1]),
+        inputs = (torch.zeros(B, 1, dtype=torch.long), torch.full((B, 1), n - 1), torch.tensor([n - 1]),
                   torch.ones(B, 1, 1, n, dtype=torch.bool), kv[:L], kv[L:])
         S_dim, n_dim = torch.export.Dim("S", min=3, max=limit + 1), torch.export.Dim("n", min=2, max=limit)
         return inputs, (None, None, None, {3: n_dim}, [{2: S_dim}] * L, [{2: S_dim}] * L)
@@ -206,55 +210,73 @@ class AOTStep:
         self.cache_ref: Callable[[], object] | None = None  # the current generation's KV cache (weakly)
         self.failed: str | None = None
 
+    def prepare(self, model, batch_size: int, cache, top_k: int | None) -> None:
+        """Build or load the step for this model and batch before generating (the wait comes before any
+        output, not after the first token)."""
+        if self.failed is None and isinstance(cache, KVCache) and cache.k[0].is_cpu:
+            try:
+                self._load(model, batch_size, cache.k[0], top_k)
+            except Exception as err:
+                self._fail(err)
+
     def __call__(self, model, tokens_B1, positions_B1, attn, top_k):
         cache = getattr(attn, "cache", None)
         if self.failed is None and isinstance(attn, _WriteThenAttend) and tokens_B1.is_cpu:
             try:
-                run = self._runner(model, tokens_B1, positions_B1, attn, top_k)
-                return run(tokens_B1, positions_B1, attn.slots, attn.mask, cache.k, cache.v)
+                run = self._runner(model, tokens_B1, attn, top_k)
+                # the loader's own entry point: the model's call would flatten and unflatten pytrees
+                return run([tokens_B1, positions_B1, attn.slots, attn.mask, *cache.k, *cache.v])[0]
             except Exception as err:  # export or AOT compile unsupported here: keep generating
-                self.failed = f"{type(err).__name__}: {err}"
-                warnings.warn(f"AOT compilation of the decode step failed ({self.failed[:300]}); using "
-                              "torch.compile", stacklevel=2)
+                self._fail(err)
         return self.fallback(model, tokens_B1, positions_B1, attn, top_k)
 
-    def _runner(self, model, tokens_B1, positions_B1, attn, top_k):
-        key = (id(model), tuple(tokens_B1.shape), top_k, model.dtype)
-        new_generation = self.cache_ref is None or self.cache_ref() is not attn.cache  # not id(): ids are reused
-        self.cache_ref = weakref.ref(attn.cache)
+    def _fail(self, err: Exception) -> None:
+        self.failed = f"{type(err).__name__}: {err}"
+        warnings.warn(f"AOT compilation of the decode step failed ({self.failed[:300]}); using torch.compile",
+                      stacklevel=3)
+
+    def _load(self, model, batch_size: int, cache_k: torch.Tensor, top_k: int | None) -> tuple:
+        key = (id(model), batch_size, top_k, model.dtype)
         if key not in self.runners:
-            module = _StepModule(model, top_k)
-            runner = torch._inductor.aoti_load_package(str(self._package(module, tokens_B1, attn.cache.k[0], key)))
-            self.runners[key] = (runner, {})
+            path = self._package(_StepModule(model, top_k), batch_size, cache_k, key)
+            self.runners[key] = (torch._inductor.aoti_load_package(str(path)), {})
             weakref.finalize(model, self.runners.pop, key, None)  # drop the runner and its weights with the model
-            new_generation = True
+        return key
+
+    def _runner(self, model, tokens_B1, attn, top_k):
+        key = self._load(model, tokens_B1.shape[0], attn.cache.k[0], top_k)
         runner, bound = self.runners[key]
-        if new_generation:  # (re)bind the live weights if any tensor was replaced since the last generation
+        if not bound or self.cache_ref is None or self.cache_ref() is not attn.cache:  # a new generation (not id())
+            self.cache_ref = weakref.ref(attn.cache)
+            # (re)bind the live weights if any tensor was replaced since the last generation
             live = {**dict(model.named_parameters(prefix="model")), **dict(model.named_buffers(prefix="model"))}
             want = {k: live[k].detach() for k in runner.get_constant_fqns()}
             if want.keys() != bound.keys() or any(want[k].data_ptr() != bound[k].data_ptr() for k in want):
                 runner.load_constants(want, check_full_update=True, user_managed=True)
                 bound.clear()
                 bound.update(want)  # views that keep the memory the runner reads alive (even if p.data is swapped)
-        return runner
+        return runner.loader.boxed_run
 
     @staticmethod
-    def _package(module: _StepModule, tokens_B1: torch.Tensor, cache_k: torch.Tensor, key: tuple) -> Path:
+    def _package(module: _StepModule, batch_size: int, cache_k: torch.Tensor, key: tuple) -> Path:
         cfg = module.model.config.to_dict()
         ident = json.dumps([cfg, str(key[3]), key[1:3], _source_hash()], sort_keys=True, default=str)
         path = aot_cache_dir() / f"step-{hashlib.sha256(ident.encode()).hexdigest()[:24]}.pt2"
         if not path.exists():
+            log.info("building the AOT-compiled decode step (once per model shape, kept in %s)", path.parent)
+            t0 = time.perf_counter()
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.stem}.{os.getpid()}.pt2")
             # export traces normal tensors (made outside inference mode); torch's own deprecation
             # warnings from inside export are not the user's to act on
             with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
-                example, dynamic = module.example(tokens_B1, cache_k)
+                example, dynamic = module.example(batch_size, cache_k)
                 ep = torch.export.export(module, example, dynamic_shapes=dynamic, strict=False)
                 torch._inductor.aoti_compile_and_package(
                     ep, package_path=str(tmp), inductor_configs={"aot_inductor.package_constants_in_so": False})
             os.replace(tmp, path)  # atomic: a concurrent or killed build never leaves a partial package
+            log.info("built the decode step in %.0f s", time.perf_counter() - t0)
         return path
 
 
@@ -263,20 +285,23 @@ _graphed = CUDAGraphStep()
 _aot = AOTStep(_compiled)
 
 
+COMPILE_MODES = (False, True, "aot", "jit")
+
+
 def decode_step(compile: bool | str, device: torch.device | str = "cpu", batch_size: int = 1) -> Step:
-    """The step function the generation loop calls once per new token: eager, or with compile=True a
-    replayed CUDA graph on CUDA and torch.compile on the CPU for batches up to CPU_COMPILE_MAX_BATCH
-    (beyond it the compiled step measured no faster than eager: benchmarks/decode.py); compile="aot"
-    on the CPU compiles the step ahead of time instead (AOTStep)."""
-    if compile not in (True, False, "aot"):
-        raise ValueError(f"compile must be True, False or 'aot', got {compile!r}")
+    """The step function the generation loop calls once per new token: eager (False), or compiled: on
+    CUDA a replayed CUDA graph; on the CPU, for batches up to CPU_COMPILE_MAX_BATCH (beyond it the compiled
+    step measured no faster than eager: benchmarks/decode.py), ahead of time (True or "aot": AOTStep,
+    the fastest) or by torch.compile ("jit": nothing written outside torch's own cache)."""
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
     if not compile:
         return eager_step
     if torch.device(device).type == "cuda":
         return _graphed
     if batch_size > CPU_COMPILE_MAX_BATCH:
         return eager_step
-    return _aot if compile == "aot" else _compiled
+    return _compiled if compile == "jit" else _aot
 
 
 def static_len(n: int, limit: int) -> int:

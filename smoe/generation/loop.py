@@ -100,8 +100,9 @@ def stream(model, prompts, params: SamplingParams | None = None, tokenizer: Toke
            compile: bool | str = False, **overrides) -> Iterator[Event]:
     """Generate for one prompt or a batch (text or ids), yielding an Event per sequence per step.
 
-    compile: compile the decode step (torch.compile on the CPU, a CUDA graph on CUDA; eager if that
-    fails); "aot": on the CPU ahead of time with AOTInductor (see smoe.generation.compiled).
+    compile: compile the decode step: True (or "aot") on the CPU ahead of time with AOTInductor, built
+    once per model shape and kept on disk; "jit": by torch.compile; on CUDA either is a CUDA graph.
+    Eager if compiling fails (see smoe.generation.compiled).
     """
     params = SamplingParams(**overrides) if params is None else dataclasses.replace(params, **overrides)
     single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
@@ -131,6 +132,8 @@ def stream(model, prompts, params: SamplingParams | None = None, tokenizer: Toke
         cache = KVCache.for_model(model, B, static_len(T + max_new, cfg.max_seq_len), static=True)
     else:
         cache = KVCache.for_model(model, B, T + max_new)
+    if max_new > 1 and hasattr(step_fn, "prepare"):  # build or load a compiled step now, before any output
+        step_fn.prepare(model, B, cache, params.moe_top_k)
     gens = [make_generator(None if params.seed is None else params.seed + b) for b in range(B)]
     checkers = [StopChecker(tokenizer, params.stop) for _ in range(B)]
     done = [False] * B
@@ -155,7 +158,7 @@ def stream(model, prompts, params: SamplingParams | None = None, tokenizer: Toke
 def generate(model, prompts, params: SamplingParams | None = None, tokenizer: Tokenizer | None = None,
              **overrides) -> Completion | list[Completion]:
     """Generate for one prompt (returns a Completion) or a batch (returns a list of them).
-    compile=True decodes through torch.compile (see stream)."""
+    compile=True decodes through a compiled step (see stream)."""
     single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
     n = 1 if single else len(prompts)
     out = [Completion() for _ in range(n)]

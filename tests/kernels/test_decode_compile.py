@@ -61,7 +61,7 @@ def test_compiled_decode_gives_the_eager_tokens(monkeypatch, materialize_min):
     model = tiny_model(seed=5)
     prompt = [3, 17, 42, 9, 100]
     eager = generate(model, prompt, max_tokens=12)
-    fast = generate(model, prompt, max_tokens=12, compile=True)
+    fast = generate(model, prompt, max_tokens=12, compile="jit")
     assert fast.tokens == eager.tokens
     assert compiled._compiled.failed is None
 
@@ -76,7 +76,7 @@ def test_compiled_decode_is_one_graph_for_every_cache_length(monkeypatch):
     torch._dynamo.reset()
     before = counters["stats"]["unique_graphs"]
     for prompt, n in (([3, 17, 42], 9), ([5, 6, 7, 8, 9, 10, 11], 20), ([1, 2], 4)):
-        fast = generate(model, prompt, max_tokens=n, compile=True)
+        fast = generate(model, prompt, max_tokens=n, compile="jit")
         assert fast.tokens == generate(model, prompt, max_tokens=n).tokens
     assert counters["stats"]["unique_graphs"] - before == 1 and compiled._compiled.failed is None
 
@@ -92,7 +92,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     monkeypatch.setattr(compiled, "_compiled", step)
     eager = generate(model, [1, 2, 3], max_tokens=5)
     with pytest.warns(UserWarning, match="decoding eagerly"):
-        out = generate(model, [1, 2, 3], max_tokens=5, compile=True)
+        out = generate(model, [1, 2, 3], max_tokens=5, compile="jit")
     assert out.tokens == eager.tokens and step.failed.startswith("RuntimeError")
 
 
@@ -158,10 +158,16 @@ def test_aot_decode_equals_eager_and_follows_replaced_weights(monkeypatch, tmp_p
             p.data = p.data * 0.5 + 0.01
     torch.testing.assert_close(_greedy_logits(model, prompt, 6, step), _greedy_logits(model, prompt, 6, eager),
                                rtol=1e-5, atol=1e-5)
-    # through generate: same tokens as eager; the package is reused from disk by a fresh step
+    # through generate (compile=True is AOT on the CPU): same tokens as eager; the package is reused
+    # from disk by a fresh step
     monkeypatch.setattr(compiled, "_aot", compiled.AOTStep(compiled.CompiledStep()))
-    assert generate(model, prompt, max_tokens=12, compile="aot").tokens == generate(model, prompt, max_tokens=12).tokens
-    assert compiled._aot.failed is None
+    assert generate(model, prompt, max_tokens=12, compile=True).tokens == generate(model, prompt, max_tokens=12).tokens
+    assert compiled._aot.failed is None and len(list(tmp_path.glob("aot/*.pt2"))) == 1
+    # one new token needs no decode step: nothing is built for it
+    monkeypatch.setenv("SMOE_CACHE", str(tmp_path / "unused"))
+    monkeypatch.setattr(compiled, "_aot", compiled.AOTStep(compiled.CompiledStep()))
+    assert len(generate(other, prompt, max_tokens=1, compile=True).tokens) == 1
+    assert not (tmp_path / "unused").exists()
     with pytest.raises(ValueError, match="compile must be"):
         compiled.decode_step("fast")
 
