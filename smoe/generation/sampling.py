@@ -65,12 +65,28 @@ def filter_logits(logits_V: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
     return logits_V
 
 
+# greedy picks on the CPU scan the vocabulary in chunks of this many logits (see argmax)
+ARGMAX_CHUNK = 128
+
+
+def argmax(x_BV: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(x_BV, -1) (the first index of each row's largest value, NaN counting as largest), on the
+    CPU in two vectorised passes: torch's CPU argmax runs one element at a time (30 us for a 32000-logit
+    row here, 220 us for 8 rows), where the chunks' maxima, then one chunk's argmax, take 18 and 42 us."""
+    B, V = x_BV.shape
+    if x_BV.device.type != "cpu" or V % ARGMAX_CHUNK or V < 16 * ARGMAX_CHUNK:
+        return torch.argmax(x_BV, dim=-1)
+    x_BCK = x_BV.view(B, V // ARGMAX_CHUNK, ARGMAX_CHUNK)
+    chunk_B = x_BCK.amax(-1).argmax(-1)  # the first chunk that holds the row's maximum (amax keeps NaN)
+    return chunk_B * ARGMAX_CHUNK + x_BCK[torch.arange(B), chunk_B].argmax(-1)
+
+
 def sample(logits_BV: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
            ) -> torch.Tensor:
     """Next token of each row: argmax where temperature is 0, else a draw from the filtered softmax
     using that row's own generator (so a seeded request repeats whatever else is in the batch)."""
     logits_BV = logits_BV.float()
-    out = torch.argmax(logits_BV, dim=-1)
+    out = argmax(logits_BV)
     for b, p in enumerate(params):
         if p.temperature == 0:
             continue

@@ -125,7 +125,8 @@ class KVCache:
             m = (k_pos >= 0) & (k_pos <= q_pos)
             if self.window is not None:
                 m = m & (q_pos - k_pos < self.window)
-            m = m | (slots[:, None] == torch.arange(n, device=device))[None]
+            if valid is not None:  # a padding query sees its own slot, so no row is empty (real ones do already)
+                m = m | (slots[:, None] == torch.arange(n, device=device))[None]
             return _WriteThenAttend(self, slots, m[:, None])
         # a chunk that wraps the rolling buffer: attend over [old slots | new keys], keep the last S
         keep = min(T, S)

@@ -46,6 +46,19 @@ def test_greedy_is_argmax_and_temperature_zero():
     assert torch.equal(sample(logits, [SamplingParams()] * 3, [None] * 3), logits.argmax(-1))
 
 
+def test_chunked_argmax_equals_torch_argmax_with_ties_and_nans():
+    from smoe.generation.sampling import argmax
+    g = torch.Generator().manual_seed(0)
+    for V in (32000, 4096, 4000, 50):  # chunked (two sizes), and the plain fallbacks
+        x = torch.randint(0, 6, (7, V), generator=g).float()  # many ties for the maximum
+        x[1] = float("-inf")
+        x[2, [5, 900 % V, V - 1]] = float("nan")  # NaN counts as the largest, the first one wins
+        x[3, -1] = 10.0
+        x[4, 0] = 10.0
+        assert torch.equal(argmax(x), torch.argmax(x, dim=-1)), V
+        assert torch.equal(argmax(x[:1]), torch.argmax(x[:1], dim=-1))
+
+
 def test_seed_reproducible_and_batch_independent():
     model = tiny_model(seed=1)
     kw = dict(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=7)
