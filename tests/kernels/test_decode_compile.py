@@ -81,6 +81,16 @@ def test_compiled_decode_is_one_graph_for_every_cache_length(monkeypatch):
     assert counters["stats"]["unique_graphs"] - before == 1 and compiled._compiled.failed is None
 
 
+@pytest.mark.timeout(300)
+def test_compiled_decode_past_a_sliding_window(monkeypatch):
+    # a rolling buffer of 5 slots: once full, every step attends over all of it and overwrites the oldest
+    monkeypatch.setattr(compiled, "_compiled", compiled.CompiledStep())
+    model = tiny_model(seed=9, sliding_window=5)
+    prompt = [3, 17, 42]
+    assert generate(model, prompt, max_tokens=12, compile="jit").tokens == generate(model, prompt, max_tokens=12).tokens
+    assert compiled._compiled.failed is None
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch):
     model = tiny_model(seed=6)
     step = compiled.CompiledStep()
