@@ -186,6 +186,10 @@ def _source_hash() -> str:
     return h.hexdigest()[:16]
 
 
+# packages built from other code (another smoe or torch version) are deleted once unused for this long
+STALE_PACKAGE_DAYS = 30
+
+
 def aot_cache_dir() -> Path:
     """Where AOT-compiled decode steps are kept: $SMOE_CACHE/aot, else ~/.cache/smoe/aot (XDG_CACHE_HOME)."""
     base = os.environ.get("SMOE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smoe"
@@ -259,10 +263,13 @@ class AOTStep:
 
     @staticmethod
     def _package(module: _StepModule, batch_size: int, cache_k: torch.Tensor, key: tuple) -> Path:
-        cfg = module.model.config.to_dict()
-        ident = json.dumps([cfg, str(key[3]), key[1:3], _source_hash()], sort_keys=True, default=str)
-        path = aot_cache_dir() / f"step-{hashlib.sha256(ident.encode()).hexdigest()[:24]}.pt2"
-        if not path.exists():
+        cfg, source = module.model.config.to_dict(), _source_hash()
+        ident = json.dumps([cfg, str(key[3]), key[1:3], source], sort_keys=True, default=str)
+        path = aot_cache_dir() / f"step-{source[:8]}-{hashlib.sha256(ident.encode()).hexdigest()[:24]}.pt2"
+        if path.exists():
+            os.utime(path)  # used now: see prune_stale_packages
+        else:
+            prune_stale_packages(path.parent, source)
             log.info("building the AOT-compiled decode step (once per model shape, kept in %s)", path.parent)
             t0 = time.perf_counter()
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -278,6 +285,21 @@ class AOTStep:
             os.replace(tmp, path)  # atomic: a concurrent or killed build never leaves a partial package
             log.info("built the decode step in %.0f s", time.perf_counter() - t0)
         return path
+
+
+def prune_stale_packages(folder: Path, source: str) -> None:
+    """Delete the packages in folder built from other code than `source` (_source_hash()) and unused
+    for STALE_PACKAGE_DAYS, and partial builds a day old: nothing would read them again."""
+    now = time.time()
+    for f in folder.glob("step-*.pt2"):
+        try:
+            age_days = (now - f.stat().st_mtime) / 86400
+            partial = f.stem.count(".") > 0  # step-<source>-<ident>.<pid>.pt2, left by a killed build
+            if (partial and age_days > 1) or (not f.name.startswith(f"step-{source[:8]}-")
+                                               and age_days > STALE_PACKAGE_DAYS):
+                f.unlink()
+        except OSError:  # removed meanwhile by another process, or not ours to remove
+            pass
 
 
 _compiled = CompiledStep()

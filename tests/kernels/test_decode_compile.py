@@ -198,3 +198,21 @@ def test_aot_failure_falls_back_to_torch_compile(monkeypatch, tmp_path):
         out = generate(model, [1, 2, 3], max_tokens=5, compile="aot")
     assert out.tokens == generate(model, [1, 2, 3], max_tokens=5).tokens
     assert step.failed.startswith("RuntimeError") and fallback_calls
+
+
+def test_stale_packages_are_pruned(tmp_path):
+    import os
+    import time
+    now, month = time.time(), 40 * 86400
+    ages = {"step-aaaaaaaa-1.pt2": month,  # this code's: kept however old
+            "step-bbbbbbbb-2.pt2": month,  # other code's, unused for 40 days: deleted
+            "step-bbbbbbbb-3.pt2": 0,  # other code's, used today: kept
+            "step-aaaaaaaa-4.123.pt2": 2 * 86400,  # a killed build's leftover: deleted
+            "step-aaaaaaaa-5.456.pt2": 0,  # a build in progress: kept
+            "notes.txt": month}
+    for name, age in ages.items():
+        (tmp_path / name).write_bytes(b"")
+        os.utime(tmp_path / name, (now - age, now - age))
+    compiled.prune_stale_packages(tmp_path, "a" * 16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "notes.txt", "step-aaaaaaaa-1.pt2", "step-aaaaaaaa-5.456.pt2", "step-bbbbbbbb-3.pt2"]
