@@ -1,7 +1,8 @@
 """x @ w.T without autograd on the CPU: the library's own path beside the ones smoe.kernels.linear picks.
 
 For each shape (rows M of x, weight out x in as nn.Linear stores it) the same product is timed as
-F.linear (x @ w.T), as (w @ x.T).T (reads w row by row), through oneDNN's linear, and as
+F.linear (x @ w.T), as (w @ x.T).T (reads w row by row), as the same with every row twice ("pair"),
+through oneDNN's linear, and as
 smoe.kernels.linear.linear (the choice smoe makes). Weights are cycled over enough copies to exceed
 the caches, as in a decode or serving step where every weight comes from memory. Prints a table
 (microseconds per product and smoe's speed-up over F.linear) and writes JSON.
@@ -36,6 +37,7 @@ def candidates(x: torch.Tensor, ws: list[torch.Tensor]) -> dict:
 
     fns = {"F.linear": lambda: F.linear(x, nxt()),
            "(w@x.T).T": lambda: torch.mm(nxt(), x.t()).t().contiguous(),
+           "pair": lambda: torch.mm(nxt(), torch.cat([x, x]).t())[:, : x.shape[0]].t().contiguous(),
            "smoe": lambda: L.linear(x, nxt())}
     if L.ONEDNN:
         fns["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, nxt(), None, "none", [], "")

@@ -5,7 +5,10 @@ for fp32) on this machine's AMD EPYC that path is slow for a few rows, where w @
 row by row, took 1.4-1.8x less time for an expert's 512 x 256 weights at 2-4 rows and 1.7-3.6x less for
 the 32000 x 256 output projection at 2-8 rows; for that wide output oneDNN's linear took 1.3-1.7x less
 time than MKL at 16-128 rows, and for the medium preset's shapes (512-3072 wide) 5-20% less at 32-8192 rows
-(`benchmarks/linear.py` measures every choice side by side).
+(`benchmarks/linear.py` measures every choice side by side). A single row against a weight of at most
+768 inputs goes through MKL as two (the row twice): its one-row path (gemv) ran slower than its
+two-column product for those shapes (32000 x 256: 4.3 vs 2.4 ms; 1536 x 512: 319 vs 227 us; 512 x 256:
+71 vs 53 us; 4096 x 768: 1.09 vs 0.84 ms), and faster from 1024 inputs (1024 x 3584: 1.03 vs 1.65 ms).
 Taken only where no gradient is recorded (inference, the forward of the grouped MoE's autograd
 Function) and not under torch.compile; other dtypes and devices take F.linear unchanged.
 """
@@ -18,6 +21,8 @@ import torch.nn.functional as F
 # rows computed as (w @ x.T).T: 2..SMALL_ROWS_MAX, or up to WIDE_SMALL_ROWS_MAX for a wide output; only for
 # weights of at least SMALL_ROWS_MIN_WEIGHT elements (read from memory, not cache). SMALL_ROWS_MAX = 0: off
 SMALL_ROWS_MAX, WIDE_SMALL_ROWS_MAX, SMALL_ROWS_MIN_WEIGHT = 4, 8, 1 << 16
+# one row as a pair: weights of at least PAIR_MIN_OUT outputs and at most PAIR_MAX_IN inputs
+PAIR_MIN_OUT, PAIR_MAX_IN = 256, 768
 # oneDNN: outputs at least WIDE_MIN_OUT wide (a vocabulary projection) with other row counts up to WIDE_ROWS_MAX;
 # narrower weights of at least ONEDNN_MIN_WEIGHT elements from ONEDNN_ROWS_MIN rows (fewer rows or smaller
 # weights measured alike or mixed)
@@ -46,6 +51,16 @@ def _small_rows(M: int, w_OI: torch.Tensor) -> bool:
     return 2 <= M <= most and w_OI.numel() >= SMALL_ROWS_MIN_WEIGHT
 
 
+def _pair_row(M: int, w_OI: torch.Tensor) -> bool:
+    return (M == 1 and w_OI.shape[0] >= PAIR_MIN_OUT and w_OI.shape[1] <= PAIR_MAX_IN
+            and w_OI.numel() >= SMALL_ROWS_MIN_WEIGHT)
+
+
+def _as_pair(x_1I: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
+    """x_1I @ w_OI.T computed as w @ [x; x].T, keeping the first column: (1, O), contiguous."""
+    return torch.mm(w_OI, x_1I.reshape(1, -1).expand(2, -1).contiguous().t())[:, 0][None].contiguous()
+
+
 def _onednn_rows(M: int, w_OI: torch.Tensor) -> bool:
     if not ONEDNN:
         return False
@@ -57,6 +72,8 @@ def _onednn_rows(M: int, w_OI: torch.Tensor) -> bool:
 def mm_into(x_MI: torch.Tensor, w_OI: torch.Tensor, out_MO: torch.Tensor) -> torch.Tensor:
     """out_MO = x_MI @ w_OI.T, written into out_MO (e.g. rows of a larger buffer)."""
     M = x_MI.shape[0]
+    if _pair_row(M, w_OI) and _fast_path_ok(x_MI, w_OI):
+        return out_MO.copy_(_as_pair(x_MI, w_OI))
     if _small_rows(M, w_OI) and _fast_path_ok(x_MI, w_OI):
         return out_MO.copy_(torch.mm(w_OI, x_MI.t()).t())
     if _onednn_rows(M, w_OI) and _fast_path_ok(x_MI, w_OI):  # oneDNN has no out=: one copy of the output
@@ -67,6 +84,8 @@ def mm_into(x_MI: torch.Tensor, w_OI: torch.Tensor, out_MO: torch.Tensor) -> tor
 def linear(x: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
     """x (..., I) @ w_OI.T -> (..., O), as F.linear without bias."""
     M, O = x.numel() // x.shape[-1], w_OI.shape[0]
+    if _pair_row(M, w_OI) and _fast_path_ok(x, w_OI):
+        return _as_pair(x, w_OI).view(*x.shape[:-1], O)
     if _small_rows(M, w_OI) and _fast_path_ok(x, w_OI):
         return torch.mm(w_OI, x.reshape(M, -1).t()).t().contiguous().view(*x.shape[:-1], O)
     if _onednn_rows(M, w_OI) and _fast_path_ok(x, w_OI):
