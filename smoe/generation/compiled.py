@@ -242,8 +242,15 @@ class AOTStep:
     def _load(self, model, batch_size: int, cache_k: torch.Tensor, top_k: int | None) -> tuple:
         key = (id(model), batch_size, top_k, model.dtype)
         if key not in self.runners:
-            path = self._package(_StepModule(model, top_k), batch_size, cache_k, key)
-            self.runners[key] = (torch._inductor.aoti_load_package(str(path)), {})
+            module = _StepModule(model, top_k)
+            path = self._package(module, batch_size, cache_k, key)
+            try:
+                runner = torch._inductor.aoti_load_package(str(path))
+            except Exception as err:  # a damaged package (e.g. a full disk): build it again, once
+                log.warning("could not load %s (%s: %s); building it again", path, type(err).__name__, err)
+                path.unlink(missing_ok=True)
+                runner = torch._inductor.aoti_load_package(str(self._package(module, batch_size, cache_k, key)))
+            self.runners[key] = (runner, {})
             weakref.finalize(model, self.runners.pop, key, None)  # drop the runner and its weights with the model
         return key
 

@@ -173,6 +173,12 @@ def test_aot_decode_equals_eager_and_follows_replaced_weights(monkeypatch, tmp_p
     monkeypatch.setattr(compiled, "_aot", compiled.AOTStep(compiled.CompiledStep()))
     assert generate(model, prompt, max_tokens=12, compile=True).tokens == generate(model, prompt, max_tokens=12).tokens
     assert compiled._aot.failed is None and len(list(tmp_path.glob("aot/*.pt2"))) == 1
+    # a damaged package is built again, not a reason to fall back
+    (package,) = tmp_path.glob("aot/*.pt2")
+    package.write_bytes(b"not a zip archive")
+    monkeypatch.setattr(compiled, "_aot", compiled.AOTStep(compiled.CompiledStep()))
+    assert generate(model, prompt, max_tokens=6, compile=True).tokens == generate(model, prompt, max_tokens=6).tokens
+    assert compiled._aot.failed is None and package.stat().st_size > 1000
     # one new token needs no decode step: nothing is built for it
     monkeypatch.setenv("SMOE_CACHE", str(tmp_path / "unused"))
     monkeypatch.setattr(compiled, "_aot", compiled.AOTStep(compiled.CompiledStep()))
