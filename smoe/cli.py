@@ -24,6 +24,19 @@ def _add_sampling(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: as stored)")
 
 
+def _add_compile(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", nargs="?", const="aot", choices=["aot", "jit"], default=None,
+                   help="compile the decode step: on the CPU ahead of time (aot, the default: AOTInductor, built "
+                        "once per model shape in tens of seconds and kept on disk) or by torch.compile (jit); "
+                        "a CUDA graph on GPU")
+    p.add_argument("--aot", action="store_true", help=argparse.SUPPRESS)  # the same as --compile (older name)
+
+
+def _compile_mode(args) -> bool | str:
+    """stream()'s compile argument for the --compile / --aot flags."""
+    return "aot" if args.aot else {None: False, "aot": True, "jit": "jit"}[args.compile]
+
+
 def _log_to_stderr(name: str) -> None:
     """Show the INFO messages of one smoe logger on stderr (stdout carries the generated text)."""
     logger = logging.getLogger(name)
@@ -69,9 +82,8 @@ def cmd_generate(args) -> None:
     model, tok = _load(args)
     if args.backend:
         model.set_moe_backend(args.backend)
-    compile_ = "aot" if args.aot else {None: False, "aot": True, "jit": "jit"}[args.compile]
     started = False  # the prompt goes out with the first token, after any message about building the step
-    for ev in stream(model, args.prompt, _sampling(args), tok, compile=compile_):
+    for ev in stream(model, args.prompt, _sampling(args), tok, compile=_compile_mode(args)):
         sys.stdout.write(ev.text if started else args.prompt + ev.text)
         sys.stdout.flush()
         started = True
@@ -80,10 +92,11 @@ def cmd_generate(args) -> None:
 
 def cmd_chat(args) -> None:
     from smoe.generation.chat import chat_loop
+    _log_to_stderr("smoe.generation")
     model, tok = _load(args)
     if sys.stdin.isatty():
         print(f"chatting with {args.model}: /reset clears the conversation, /exit or Ctrl-D ends")
-    chat_loop(model, tok, _sampling(args), system=args.system)
+    chat_loop(model, tok, _sampling(args), system=args.system, compile=_compile_mode(args))
 
 
 def cmd_convert(args) -> None:
@@ -258,11 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--prompt", required=True)
     p.add_argument("--backend", default=None, help="MoE backend: naive | grouped | triton")
-    p.add_argument("--compile", nargs="?", const="aot", choices=["aot", "jit"], default=None,
-                   help="compile the decode step: on the CPU ahead of time (aot, the default: AOTInductor, built "
-                        "once per model shape in tens of seconds and kept on disk) or by torch.compile (jit); "
-                        "a CUDA graph on GPU")
-    p.add_argument("--aot", action="store_true", help=argparse.SUPPRESS)  # the same as --compile (older name)
+    _add_compile(p)
     _add_sampling(p)
     p.set_defaults(fn=cmd_generate)
 
@@ -270,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--system", default=None, help="system prompt")
     _add_sampling(p, max_tokens=512)
+    _add_compile(p)
     p.set_defaults(fn=cmd_chat)
 
     p = sub.add_parser("convert", help="convert a checkpoint between the HF and consolidated layouts")

@@ -42,3 +42,8 @@ def test_generate_compile_flag_picks_the_step(tmp_path, monkeypatch):
     for flags in ([], ["--compile"], ["--compile", "jit"], ["--compile", "aot"], ["--aot"]):
         assert main(["generate", str(out), "--prompt", "x", *flags]) == 0
     assert seen == [False, True, "jit", True, "aot"]
+    import smoe.generation.chat
+    monkeypatch.setattr(smoe.generation.chat, "stream", lambda *a, compile, **k: seen.append(compile) or iter(()))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n/exit\n"))
+    assert main(["chat", str(out), "--compile", "jit"]) == 0
+    assert seen[-1] == "jit"

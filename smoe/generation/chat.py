@@ -11,8 +11,9 @@ from smoe.tokenizer import ChatFormatError, Tokenizer
 
 
 def chat_loop(model, tokenizer: Tokenizer, params: SamplingParams, system: str | None = None,
-              stdin: TextIO | None = None, stdout: TextIO | None = None) -> list[dict]:
-    """Read user turns from stdin, stream each reply to stdout; '/reset' clears, EOF or '/exit' ends."""
+              stdin: TextIO | None = None, stdout: TextIO | None = None, compile: bool | str = False) -> list[dict]:
+    """Read user turns from stdin, stream each reply to stdout; '/reset' clears, EOF or '/exit' ends.
+    compile: the decode step's compilation, as for smoe.generation.stream."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout  # looked up now: callers may swap them
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
     interactive = stdin.isatty()
@@ -41,7 +42,7 @@ def chat_loop(model, tokenizer: Tokenizer, params: SamplingParams, system: str |
             messages.pop()
             continue
         reply = ""
-        for ev in stream(model, ids, params, tokenizer):
+        for ev in stream(model, ids, params, tokenizer, compile=compile):
             reply += ev.text
             stdout.write(ev.text)
             stdout.flush()
