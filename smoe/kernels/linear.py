@@ -97,21 +97,18 @@ def linear(x: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
 MATERIALIZE_MIN_WEIGHT = 1 << 20
 
 
-@torch.library.custom_op("smoe::materialize", mutates_args=())
 def materialize(x: torch.Tensor) -> torch.Tensor:
-    """A copy of x that torch.compile cannot fuse into its consumers (an opaque op): the input of a
-    compiled matrix-vector reduction is then computed once, not again inside the loop over every row."""
-    return x.clone()
-
-
-@materialize.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
+    """x itself (a view), which torch.compile nonetheless computes into a buffer of its own rather than
+    fusing it into its consumers (inductor realizes the input of as_strided): the input of a compiled
+    matrix-vector reduction is then computed once, not again inside the loop over every weight row.
+    (An opaque custom op that copied x did the same at the cost of a call: as a view, the large model's
+    AOT step took 34.4 vs 35.8 ms fp32 and 19.0 vs 19.6 ms bf16, the small one's alike.)"""
+    return torch.as_strided(x, x.shape, x.stride())
 
 
 def reduction_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x for a compiled multiply-and-sum over weight: for a large weight, materialized (the one call
-    costs microseconds; recomputing x's producers once per weight row costs far more) and in fp32 (the
+    """x for a compiled multiply-and-sum over weight: for a large weight, materialized (recomputing x's
+    producers once per weight row costs far more than writing x once) and in fp32 (the
     same values; a bf16 x would be converted again for every row: 21 -> 25 GB/s over bf16 weights)."""
     return materialize(x.float()) if weight.numel() >= MATERIALIZE_MIN_WEIGHT else x
 
