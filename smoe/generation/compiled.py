@@ -66,14 +66,6 @@ def _traced_step(model, tokens_B1, positions_B1, attn, top_k):
         return model(tokens_B1, positions_B1, attn, top_k=top_k)[:, -1]
 
 
-def _lengths_dynamic(attn) -> None:
-    """Mark the cache length and the attended length as dynamic sizes for torch.compile."""
-    if isinstance(attn, _WriteThenAttend):
-        torch._dynamo.maybe_mark_dynamic(attn.mask, 3)
-        for t in (*attn.cache.k, *attn.cache.v):
-            torch._dynamo.maybe_mark_dynamic(t, 2)
-
-
 class CompiledStep:
     """eager_step through torch.compile (one graph per batch size, any cache length); eager if that fails."""
 
@@ -82,11 +74,22 @@ class CompiledStep:
     def __init__(self):
         self.fn = torch.compile(_traced_step, dynamic=False)
         self.failed: str | None = None
+        self.cache_ref: Callable[[], object] | None = None  # the cache whose K/V sizes are marked (weakly)
+
+    def _lengths_dynamic(self, attn) -> None:
+        """Mark the attended length (every step's new mask) and the cache length (once per cache) as
+        dynamic sizes."""
+        if isinstance(attn, _WriteThenAttend):
+            torch._dynamo.maybe_mark_dynamic(attn.mask, 3)
+            if self.cache_ref is None or self.cache_ref() is not attn.cache:
+                self.cache_ref = weakref.ref(attn.cache)
+                for t in (*attn.cache.k, *attn.cache.v):
+                    torch._dynamo.maybe_mark_dynamic(t, 2)
 
     def __call__(self, model, tokens_B1, positions_B1, attn, top_k):
         if self.failed is None:
             try:
-                _lengths_dynamic(attn)
+                self._lengths_dynamic(attn)
                 return self.fn(model, tokens_B1, positions_B1, attn, top_k)
             except Exception as err:  # a missing C++ compiler, an unsupported op: keep generating, eagerly
                 self.failed = f"{type(err).__name__}: {err}"
