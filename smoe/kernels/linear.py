@@ -57,8 +57,8 @@ def _pair_row(M: int, w_OI: torch.Tensor) -> bool:
 
 
 def _as_pair(x_1I: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
-    """x_1I @ w_OI.T computed as w @ [x; x].T, keeping the first column: (1, O), contiguous."""
-    return torch.mm(w_OI, x_1I.reshape(1, -1).expand(2, -1).contiguous().t())[:, 0][None].contiguous()
+    """x_1I @ w_OI.T computed as w @ [x; x].T, keeping the first column: (1, O), a strided view."""
+    return torch.mm(w_OI, x_1I.reshape(1, -1).expand(2, -1).contiguous().t())[:, 0][None]
 
 
 def _onednn_rows(M: int, w_OI: torch.Tensor) -> bool:
@@ -85,7 +85,7 @@ def linear(x: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
     """x (..., I) @ w_OI.T -> (..., O), as F.linear without bias."""
     M, O = x.numel() // x.shape[-1], w_OI.shape[0]
     if _pair_row(M, w_OI) and _fast_path_ok(x, w_OI):
-        return _as_pair(x, w_OI).view(*x.shape[:-1], O)
+        return _as_pair(x, w_OI).contiguous().view(*x.shape[:-1], O)
     if _small_rows(M, w_OI) and _fast_path_ok(x, w_OI):
         return torch.mm(w_OI, x.reshape(M, -1).t()).t().contiguous().view(*x.shape[:-1], O)
     if _onednn_rows(M, w_OI) and _fast_path_ok(x, w_OI):
