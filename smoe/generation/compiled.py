@@ -34,7 +34,8 @@ log = logging.getLogger("smoe.generation")
 
 # linears with at most this many rows become reductions inside the compiled step
 GEMV_MAX_ROWS = 1
-# on the CPU, batches up to this size decode through torch.compile (single-row reductions); larger ones eagerly
+# on the CPU, batches up to this size decode through a compiled step (single-row reductions); larger ones
+# eagerly (AOT at batch 8 measured 453 tok/s against 611 eager for the small fp32 model: per-slot gathers)
 CPU_COMPILE_MAX_BATCH = 1
 # a static (CUDA graph) cache length is rounded up to a multiple of this, so similar prompts share a graph
 STATIC_LEN_MULTIPLE = 256
