@@ -57,12 +57,11 @@ def load_state(path: Path, cfg: ModelConfig, fmt: str, dtype: torch.dtype, devic
             raise CheckpointError(f"{path}: tensor {e.key} has shape {tuple(found)}, expected {tuple(want)}")
 
     state: dict[str, torch.Tensor] = {}
-    on_cpu = torch.device(device).type == "cpu"  # large tensors go into huge pages (smoe.kernels.memory)
     for e in table:
         if e.expert is not None:  # one slice of a stacked expert weight
             if e.name not in state:
-                shape = param_shapes[e.name]
-                state[e.name] = huge_empty(shape, dtype) if on_cpu else torch.empty(shape, dtype=dtype, device=device)
+                # on the CPU large tensors go into huge pages (smoe.kernels.memory)
+                state[e.name] = huge_empty(param_shapes[e.name], dtype, device)
             state[e.name][e.expert].copy_(files.get(e.key))
             continue
         t = files.get(e.key)
@@ -71,7 +70,7 @@ def load_state(path: Path, cfg: ModelConfig, fmt: str, dtype: torch.dtype, devic
             t = t[:, :half] if e.rows == "first half" else t[:, half:]
         if e.rope_heads is not None:
             t = rope_to_halves(t, e.rope_heads)
-        state[e.name] = huge_copy(t, dtype) if on_cpu else t.to(device=device, dtype=dtype).contiguous()
+        state[e.name] = huge_copy(t, dtype, device)
     return state
 
 

@@ -35,15 +35,16 @@ def _worth_huge(nbytes: int) -> bool:
     return nbytes >= HUGE_MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE") and thp_mode() != "never"
 
 
-def huge_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor in memory advised into huge pages (a plain one where THP is off).
+def huge_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype,
+               device: torch.device | str | None = None) -> torch.Tensor:
+    """torch.empty; on the CPU in memory advised into huge pages (a plain tensor where THP is off).
 
     The memory is a fresh private anonymous mapping (never recycled heap, whose pages may already be
     4 KiB ones), one huge page longer so the tensor starts on a 2 MiB boundary; the spare tail is never
     touched, so it costs address space, not memory. Pages become huge ones as they are first written."""
     nbytes = torch.Size(shape).numel() * dtype.itemsize
-    if not _worth_huge(nbytes):
-        return torch.empty(shape, dtype=dtype)
+    if torch.device(device or "cpu").type != "cpu" or not _worth_huge(nbytes):
+        return torch.empty(shape, dtype=dtype, device=device)
     try:
         buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
         raw = torch.frombuffer(buf, dtype=torch.uint8)  # keeps buf alive as long as any view of it
@@ -56,18 +57,19 @@ def huge_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch
 
 def huge_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
     """torch.zeros; on the CPU a large buffer in huge pages (a KV cache is streamed like the weights)."""
-    if torch.device(device or "cpu").type == "cpu":
-        return huge_empty(shape, dtype).zero_()
-    return torch.zeros(shape, dtype=dtype, device=device)
+    return huge_empty(shape, dtype, device).zero_()
 
 
-def huge_copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """t converted to dtype, contiguous, in huge pages; as t.to(dtype).contiguous() (t itself if it already
-    is) where huge pages are not used."""
-    dtype = dtype or t.dtype
-    out = huge_empty(t.shape, dtype) if _worth_huge(t.numel() * dtype.itemsize) else None
-    if out is None or out.untyped_storage().nbytes() == out.nbytes:  # not advised: no need for a new copy
-        return t.to(dtype).contiguous()
+def huge_copy(t: torch.Tensor, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None) -> torch.Tensor:
+    """t converted to dtype, contiguous, on device (default: t's), on the CPU in huge pages; as
+    t.to(device, dtype).contiguous() (t itself if it already is) where huge pages are not used."""
+    dtype, device = dtype or t.dtype, torch.device(device or t.device)
+    if device.type != "cpu" or not _worth_huge(t.numel() * dtype.itemsize):
+        return t.to(device=device, dtype=dtype).contiguous()
+    out = huge_empty(t.shape, dtype)
+    if out.untyped_storage().nbytes() == out.nbytes:  # not advised (mapping refused): no need for a new copy
+        return t.to(device=device, dtype=dtype).contiguous()
     return out.copy_(t)
 
 

@@ -47,10 +47,7 @@ def median(xs: list[float]) -> float:
 def read_bandwidth(nbytes: int = 512 * 2**20, repeat: int = 5, device: torch.device | str = "cpu") -> float:
     """Best observed streaming-read bandwidth in bytes/s: summing a float32 buffer far larger than cache
     (on the CPU in huge pages, as smoe places weights: smoe.kernels.memory)."""
-    if torch.device(device).type == "cpu":
-        buf = huge_empty((nbytes // 4,), torch.float32).fill_(1.0)
-    else:
-        buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    buf = huge_empty((nbytes // 4,), torch.float32, device).fill_(1.0)
     buf.sum()
     best = float("inf")
     for _ in range(repeat):
