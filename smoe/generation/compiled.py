@@ -244,7 +244,8 @@ class AOTStep:
                       stacklevel=3)
 
     def _load(self, model, batch_size: int, cache_k: torch.Tensor, top_k: int | None) -> tuple:
-        key = (id(model), batch_size, top_k, model.dtype)
+        # inductor fixes a kernel's thread count when it compiles it: one package per torch thread count
+        key = (id(model), batch_size, top_k, model.dtype, torch.get_num_threads())
         if key not in self.runners:
             module = _StepModule(model, top_k)
             path = self._package(module, batch_size, cache_k, key)
@@ -275,7 +276,7 @@ class AOTStep:
     @staticmethod
     def _package(module: _StepModule, batch_size: int, cache_k: torch.Tensor, key: tuple) -> Path:
         cfg, source = module.model.config.to_dict(), _source_hash()
-        ident = json.dumps([cfg, str(key[3]), key[1:3], source], sort_keys=True, default=str)
+        ident = json.dumps([cfg, str(key[3]), key[1:3], key[4], source], sort_keys=True, default=str)
         path = aot_cache_dir() / f"step-{source[:8]}-{hashlib.sha256(ident.encode()).hexdigest()[:24]}.pt2"
         if path.exists():
             os.utime(path)  # used now: see prune_stale_packages
