@@ -44,16 +44,25 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def read_bandwidth(nbytes: int = 512 * 2**20, repeat: int = 5, device: torch.device | str = "cpu") -> float:
-    """Best observed streaming-read bandwidth in bytes/s: summing a float32 buffer far larger than cache
-    (on the CPU in huge pages, as smoe places weights: smoe.kernels.memory)."""
+def bandwidth_probe(nbytes: int = 512 * 2**20, device: torch.device | str = "cpu") -> Callable[[int], float]:
+    """A streaming-read bandwidth probe over one float32 buffer far larger than cache (on the CPU in huge
+    pages, as smoe places weights), allocated once: probe(repeat) is the best bytes/s of repeat sums."""
     buf = huge_empty((nbytes // 4,), torch.float32, device).fill_(1.0)
     buf.sum()
-    best = float("inf")
-    for _ in range(repeat):
-        sync(device)
-        t = time.perf_counter()
-        buf.sum()
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return nbytes / best
+
+    def probe(repeat: int = 5) -> float:
+        best = float("inf")
+        for _ in range(repeat):
+            sync(device)
+            t = time.perf_counter()
+            buf.sum()
+            sync(device)
+            best = min(best, time.perf_counter() - t)
+        return nbytes / best
+
+    return probe
+
+
+def read_bandwidth(nbytes: int = 512 * 2**20, repeat: int = 5, device: torch.device | str = "cpu") -> float:
+    """Best observed streaming-read bandwidth in bytes/s (one bandwidth_probe, repeat sums)."""
+    return bandwidth_probe(nbytes, device)(repeat)

@@ -45,6 +45,8 @@ def test_decode_benchmark_runs(tmp_path, capsys):
     assert "roofline tok/s" in printed and "smoe/hf" in printed
     data = json.loads(out.read_text())
     assert data["bandwidth_bytes_s"] > 0 and len(data["rows"]) == 2
+    # probed before, after, and after each round (one round per batch size): the roofline is the best
+    assert len(data["bandwidths"]) == 4 and data["bandwidth_bytes_s"] == max(data["bandwidths"])
     row = data["rows"][0]
     assert row["tok_s"]["smoe"] > 0 and row["tok_s"]["transformers"] > 0 and row["roofline_tok_s"] > 0
     assert "full_model_estimate_tok_s" in row  # 1 of the preset's 2 layers
