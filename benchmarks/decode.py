@@ -5,9 +5,11 @@ Decode time per token = (t(generate n_long) - t(generate n_short)) / (n_long - n
 cancels prefill and setup for every implementation alike; median of `--repeat` rounds, each of which
 times every implementation in turn. Roofline at batch 1: the bytes of weights
 one token must read (its top-k experts, attention, router and norms of every layer, one embedding
-row, the output projection) / the streaming-read bandwidth measured here. On the CPU both models'
-weights and the bandwidth probe's buffer are in huge pages (smoe.kernels.memory), as load_model places
-weights: one core reads 24-27 GB/s from 4 KiB pages here and 32-34 GB/s from 2 MiB ones.
+row, the output projection) / the streaming-read bandwidth measured here, at the same thread count
+(torch's default, all cores, unless --threads), before, after and between every round; the best
+probe counts. On the CPU both models' weights and the bandwidth probe's buffer are in huge pages
+(smoe.kernels.memory), as load_model places weights: one core reads 24-27 GB/s from 4 KiB pages here
+and 32-34 GB/s from 2 MiB ones.
 
     .venv/bin/python benchmarks/decode.py                        # small (30M) and large (~0.8B) models
     .venv/bin/python benchmarks/decode.py --models small --dtypes float32 --batches 1 --repeat 2
