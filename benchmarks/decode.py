@@ -116,6 +116,10 @@ def bench_model(name: str, cfg: ModelConfig, dtype: torch.dtype, batches: list[i
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, cfg.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(max(batches))]
     rows = []
+
+    def probe_round():
+        bandwidths.append(probe(2))
+
     tmp = tempfile.TemporaryDirectory()
     hf = hf_from(model, dtype, tmp.name) if "transformers" in impls else None
     for B in batches:
@@ -138,9 +142,6 @@ def bench_model(name: str, cfg: ModelConfig, dtype: torch.dtype, batches: list[i
             if impl in ("smoe-jit", "smoe-aot"):  # the first step builds (or loads) the compiled step
                 row.setdefault("compile_s", {})[impl] = timed(lambda run=run: run(2), device)
             runs[impl] = run
-        def probe_round():
-            bandwidths.append(probe(2))
-
         for impl, samples in decode_seconds(runs, args.short, args.long, args.repeat, device, probe_round).items():
             row["tok_s"][impl] = B / median(samples)
             row["samples_s"][impl] = samples
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = args.device
     bw_mb = 4096 if device.startswith("cuda") else 512
     # the bandwidth is probed before, after, and between every round of the models (a shared machine's
-    # memory system gives two cores anywhere from ~32 to ~55 GB/s here): the best of them is the roofline
+    # memory system gives two cores anywhere from ~28 to ~59 GB/s here): the best of them is the roofline
     probe = bandwidth_probe(bw_mb * 2**20, device=device)
     bandwidths = [probe()]
     print(f"read bandwidth {bandwidths[0] / 1e9:.1f} GB/s; threads {torch.get_num_threads()}", flush=True)

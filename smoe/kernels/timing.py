@@ -62,7 +62,3 @@ def bandwidth_probe(nbytes: int = 512 * 2**20, device: torch.device | str = "cpu
 
     return probe
 
-
-def read_bandwidth(nbytes: int = 512 * 2**20, repeat: int = 5, device: torch.device | str = "cpu") -> float:
-    """Best observed streaming-read bandwidth in bytes/s (one bandwidth_probe, repeat sums)."""
-    return bandwidth_probe(nbytes, device)(repeat)
