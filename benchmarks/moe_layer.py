@@ -88,6 +88,11 @@ class Dense(torch.nn.Module):
         return linear(F.silu(linear(x, self.w1)) * linear(x, self.w3), self.w2)  # the same matmul paths as smoe
 
 
+def vendor_grouped_mm():
+    """torch's grouped GEMM: F.grouped_mm where public (torch >= 2.12), else torch._grouped_mm, else None."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
 class TorchGroupedMM(torch.nn.Module):
     """The same MoE through torch's grouped_mm (sorted rows, offsets): the vendor grouped-GEMM reference."""
 
@@ -107,7 +112,7 @@ class TorchGroupedMM(torch.nn.Module):
         offs = torch.bincount(flat, minlength=self.w1.shape[0]).cumsum(0).to(torch.int32)
         token = order // self.top_k
         x_SD = x_ND[token]
-        gmm = torch.nn.functional.grouped_mm
+        gmm = vendor_grouped_mm()
         h = F.silu(gmm(x_SD, self.w1.transpose(1, 2), offs=offs)) * gmm(x_SD, self.w3.transpose(1, 2), offs=offs)
         y = gmm(h, self.w2.transpose(1, 2), offs=offs) * weights_NK.reshape(-1)[order, None].to(x.dtype)
         return torch.zeros_like(x_ND).index_add(0, token, y).view(B, T, D)
@@ -147,7 +152,9 @@ def build_impls(cfg, w: dict, impls: list[str]) -> dict:
                 mods[name] = hf_block(cfg, w, "grouped_mm")
             elif name == "hf_eager":
                 mods[name] = hf_block(cfg, w, "eager")
-            elif name == "torch_grouped_mm" and hasattr(torch.nn.functional, "grouped_mm"):
+            elif name == "torch_grouped_mm":
+                if vendor_grouped_mm() is None:
+                    raise RuntimeError("this torch has no grouped_mm")
                 mods[name] = TorchGroupedMM(cfg, w)
             elif name == "dense":
                 mods[name] = Dense(w)

@@ -1,14 +1,17 @@
 """Fused MoE expert compute in Triton: two launches per layer, the vLLM fused_moe / MegaBlocks idea.
 
-Token-slots are sorted by expert and each expert's run is padded to the block size, so every
-BLOCK_M-row block of the sorted order belongs to one expert. Then
+Token-slots are grouped by expert and each expert's rows are padded to the block size, so every
+BLOCK_M-row block belongs to one expert. Then
   1. up kernel: gathers the block's token rows of x straight from x (no x_SD copy), multiplies them
      by the expert's w1 and w3 tiles (two accumulators sharing the loads of x), and writes
      SiLU(x w1^T) * (x w3^T) for each slot;
   2. down kernel: multiplies those rows by the expert's w2 and scales them by the router weight,
      writing one row per token-slot; the K rows of a token are summed (deterministic, no atomics).
-At decode sizes (few slots) every slot gets its own block: no sorting at all, and the block layout
-is a constant, so a decode step launches just the two kernels and a sum (CUDA-graph friendly).
+Blocks with no slot (experts no token chose) return at once, so their weights are never read. The
+layouts by size (block_config): a few slots run matrix-vector kernels, one program per (slot, column
+block), with no layout at all; up to BLOCK_M tokens every expert gets one block, built without
+sorting; beyond, slots are sorted by expert. None of them synchronises with the host, so a decode step
+is a fixed sequence of launches (CUDA-graph friendly).
 
 Forward only: with autograd the `grouped` path (segment matmuls and their backward) is used.
 Runs on CUDA tensors; on the CPU only through Triton's interpreter (TRITON_INTERPRET=1, for tests).
@@ -42,6 +45,8 @@ def _up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, ids_ptr, blk_expert_ptr, n_pad_ptr,
     pid_m = first_m + (pid % in_group) % group_m
     pid_n = (pid % in_group) // group_m
     if pid_m * BLOCK_M >= tl.load(n_pad_ptr):
+        return
+    if tl.load(ids_ptr + pid_m * BLOCK_M) >= n_slots:  # an expert no token chose: its weights stay unread
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     slot = tl.load(ids_ptr + offs_m)
@@ -94,6 +99,8 @@ def _down_kernel(h_ptr, w2_ptr, y_ptr, rw_ptr, ids_ptr, blk_expert_ptr, n_pad_pt
     pid_n = (pid % in_group) // group_m
     if pid_m * BLOCK_M >= tl.load(n_pad_ptr):
         return
+    if tl.load(ids_ptr + pid_m * BLOCK_M) >= n_slots:
+        return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     slot = tl.load(ids_ptr + offs_m)
     row_ok = slot < n_slots
@@ -123,57 +130,151 @@ def _down_kernel(h_ptr, w2_ptr, y_ptr, rw_ptr, ids_ptr, blk_expert_ptr, n_pad_pt
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _up_gemv_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, experts_ptr, D, H, top_k,
+                    s_xn, s_xd, s_we, s_wh, s_wd, s_hs, s_hh,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    # one slot's h[slot, n-block] = SiLU(x w1^T) * (x w3^T): weight tiles (BLOCK_N, BLOCK_K), read along D
+    pid = tl.program_id(0)
+    n_pid_n = tl.cdiv(H, BLOCK_N)
+    slot = pid // n_pid_n
+    pid_n = pid % n_pid_n
+    token = (slot // top_k).to(tl.int64)
+    e = tl.load(experts_ptr + slot).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < H
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + token * s_xn + offs_k * s_xd
+    w_off = e * s_we + tl.where(n_ok, offs_n, 0)[:, None].to(tl.int64) * s_wh + offs_k[None, :] * s_wd
+    acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over K once, after the loop
+    acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        if EVEN_K:
+            xk = tl.load(x_ptrs).to(tl.float32)
+            w1 = tl.load(w1_ptr + w_off).to(tl.float32)
+            w3 = tl.load(w3_ptr + w_off).to(tl.float32)
+        else:
+            k_ok = offs_k < D - k0
+            xk = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+            w1 = tl.load(w1_ptr + w_off, mask=k_ok[None, :], other=0.0).to(tl.float32)
+            w3 = tl.load(w3_ptr + w_off, mask=k_ok[None, :], other=0.0).to(tl.float32)
+        acc1 += w1 * xk[None, :]
+        acc3 += w3 * xk[None, :]
+        x_ptrs += BLOCK_K * s_xd
+        w_off += BLOCK_K * s_wd
+    a1 = tl.sum(acc1, axis=1)
+    a3 = tl.sum(acc3, axis=1)
+    h = a1 / (1.0 + tl.exp(-a1)) * a3
+    tl.store(h_ptr + slot.to(tl.int64) * s_hs + offs_n * s_hh, h.to(h_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _down_gemv_kernel(h_ptr, w2_ptr, y_ptr, rw_ptr, experts_ptr, D, H,
+                      s_hs, s_hh, s_we, s_wd, s_wh, s_ys, s_yd,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    # one slot's y[slot, d-block] = rw[slot] * (h w2^T): weight tiles (BLOCK_N, BLOCK_K), read along H
+    pid = tl.program_id(0)
+    n_pid_n = tl.cdiv(D, BLOCK_N)
+    slot = (pid // n_pid_n).to(tl.int64)
+    pid_n = pid % n_pid_n
+    e = tl.load(experts_ptr + slot).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < D
+    offs_k = tl.arange(0, BLOCK_K)
+    h_ptrs = h_ptr + slot * s_hs + offs_k * s_hh
+    w_off = e * s_we + tl.where(n_ok, offs_n, 0)[:, None].to(tl.int64) * s_wd + offs_k[None, :] * s_wh
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        if EVEN_K:
+            hk = tl.load(h_ptrs).to(tl.float32)
+            w = tl.load(w2_ptr + w_off).to(tl.float32)
+        else:
+            k_ok = offs_k < H - k0
+            hk = tl.load(h_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+            w = tl.load(w2_ptr + w_off, mask=k_ok[None, :], other=0.0).to(tl.float32)
+        acc += w * hk[None, :]
+        h_ptrs += BLOCK_K * s_hh
+        w_off += BLOCK_K * s_wh
+    y = tl.sum(acc, axis=1) * tl.load(rw_ptr + slot).to(tl.float32)
+    tl.store(y_ptr + slot * s_ys + offs_n * s_yd, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
 # kernels built by Triton's interpreter (TRITON_INTERPRET=1 when this module was imported) run on the CPU
 INTERPRETED = type(_up_kernel).__name__ == "InterpretedFunction"
 
-# slots up to which every slot gets its own block (no sort: the decode layout)
-PER_SLOT_MAX_SLOTS = 16
+# slots up to which the matrix-vector kernels run (each slot reads its expert's weights itself)
+GEMV_MAX_SLOTS = 4
+# slots up to which every expert gets one block (no sort): the decode batches
+PER_EXPERT_MAX_SLOTS = 16
+# slots beyond which the `triton` backend hands over to `grouped` (sorted rows, one cuBLAS matmul per
+# expert): faster from 1024 tokens on at the 8x7B shape on an H200 (docs/performance.md)
+FUSED_MAX_SLOTS = 1024
 
 
 def block_config(n_slots: int, n_experts: int) -> dict:
-    """Tile sizes by the number of token-slots: thin blocks for decode, square-ish for prefill."""
-    if n_slots <= PER_SLOT_MAX_SLOTS:
-        # memory-bound: thin tiles so that even the down projection (D columns) spreads over every SM
-        return dict(BLOCK_M=16, up=dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
-                    down=dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4), GROUP_M=1)
+    """The kernels and tile sizes for a batch, as benchmarks/moe_tune.py measured them fastest on an H200
+    at Mixtral 8x7B's shape (D 4096, H 14336, E 8; docs/performance.md): matrix-vector kernels for a few
+    slots, per-expert blocks of 16 rows for decode batches, 128-row sorted blocks beyond."""
+    if n_slots <= GEMV_MAX_SLOTS:
+        return dict(kind="gemv", up=dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, num_stages=3),
+                    down=dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=3))
+    if n_slots <= PER_EXPERT_MAX_SLOTS:
+        return dict(kind="dot", BLOCK_M=PER_EXPERT_MAX_SLOTS, GROUP_M=1,
+                    up=dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
+                    down=dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3))
     if n_slots <= 64 * n_experts:
-        return dict(BLOCK_M=32, up=dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
-                    down=dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4), GROUP_M=4)
-    return dict(BLOCK_M=64, up=dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-                down=dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3), GROUP_M=8)
+        return dict(kind="dot", BLOCK_M=128, GROUP_M=8, up=dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
+                    down=dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3))
+    return dict(kind="dot", BLOCK_M=128, GROUP_M=8, up=dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+                down=dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4))
 
 
 @functools.lru_cache(maxsize=64)
-def _per_slot_layout(n_slots: int, block_m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row ids (slot s at row s * block_m, padding elsewhere) and the padded row count, as constants."""
-    rows = torch.arange(n_slots * block_m, device=device).view(n_slots, block_m)
-    ids = torch.where(rows % block_m == 0, rows // block_m, n_slots).reshape(-1)
-    return ids, torch.tensor([n_slots * block_m], device=device)
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _count(n: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor([n], device=device)
 
 
 def align_blocks(experts_NK: torch.Tensor, n_experts: int, block_m: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Sorted slot ids padded per expert to block_m rows (padding = n_slots), the expert of each block,
-    the padded row count (a 1-element tensor) and the row capacity. No host synchronisation."""
+    """Slot ids grouped by expert, each expert's run padded to block_m rows (padding = n_slots), the
+    expert of each block, the padded row count (a 1-element tensor) and the row capacity. Up to block_m
+    slots every expert gets one block (no sort); beyond, a stable sort by expert. No host synchronisation."""
     flat = experts_NK.reshape(-1)
-    S = flat.numel()
-    if S <= PER_SLOT_MAX_SLOTS:
-        ids, n_pad = _per_slot_layout(S, block_m, flat.device)
-        return ids, flat, n_pad, S * block_m
-    E = n_experts
+    S, E, dev = flat.numel(), n_experts, flat.device
+    if S <= block_m:  # per-expert blocks: slot s goes to row (its expert, its rank among that expert's slots)
+        onehot = flat[None, :] == _arange(E, dev)[:, None]  # (E, S)
+        col = torch.where(onehot, onehot.cumsum(1) - 1, block_m)  # non-members to a spare column, dropped
+        src = torch.where(onehot, _arange(S, dev)[None, :], S)
+        ids = torch.full((E, block_m + 1), S, dtype=torch.long, device=dev).scatter_(1, col, src)
+        return ids[:, :block_m].reshape(-1), _arange(E, dev), _count(E * block_m, dev), E * block_m
     capacity = S + min(E, S) * (block_m - 1)
     capacity = triton.cdiv(capacity, block_m) * block_m
-    counts = torch.zeros(E, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    counts = torch.zeros(E, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     pad_end = padded.cumsum(0)
     pad_start = pad_end - padded
     cnt_start = counts.cumsum(0) - counts
     order = torch.argsort(flat, stable=True)
     sorted_e = flat[order]
-    dest = pad_start[sorted_e] + torch.arange(S, device=flat.device) - cnt_start[sorted_e]
-    ids = torch.full((capacity,), S, dtype=torch.long, device=flat.device).scatter_(0, dest, order)
-    blk = torch.searchsorted(pad_end, torch.arange(0, capacity, block_m, device=flat.device), right=True)
+    dest = pad_start[sorted_e] + _arange(S, dev) - cnt_start[sorted_e]
+    ids = torch.full((capacity,), S, dtype=torch.long, device=dev).scatter_(0, dest, order)
+    blk = torch.searchsorted(pad_end, torch.arange(0, capacity, block_m, device=dev), right=True)
     return ids, blk.clamp_(max=E - 1), pad_end[-1:], capacity
+
+
+def _launch_options(tiles: dict, dtype: torch.dtype, dot: bool = True) -> dict:
+    """Triton launch options of one kernel's tiles. float32 tiles are twice the bytes: the matmul
+    kernels then take half the K depth and at most 2 pipeline stages, so they fit shared memory."""
+    opts = dict(tiles)
+    if dtype == torch.float32 and dot:
+        opts["BLOCK_K"] = max(16, opts["BLOCK_K"] // 2)
+        opts["num_stages"] = min(opts["num_stages"], 2)
+    return opts
 
 
 def fused_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
@@ -186,30 +287,38 @@ def fused_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3
     if not (w1_EHD.dtype == w2_EDH.dtype == w3_EHD.dtype == x_ND.dtype):
         raise ValueError(f"triton MoE wants one dtype, got x {x_ND.dtype}, w1 {w1_EHD.dtype}, w2 {w2_EDH.dtype}, "
                          f"w3 {w3_EHD.dtype}")
-    cfg = config or block_config(S, E)
-    bm, gm = cfg["BLOCK_M"], cfg["GROUP_M"]
-    ids, blk, n_pad, capacity = align_blocks(experts_NK, E, bm)
     if w3_EHD.stride() != w1_EHD.stride():
         raise ValueError("w1 and w3 must have the same strides")
-    ieee = x_ND.dtype == torch.float32
+    cfg = config or block_config(S, E)
+    dot = cfg["kind"] == "dot"
+    up, down = _launch_options(cfg["up"], x_ND.dtype, dot), _launch_options(cfg["down"], x_ND.dtype, dot)
     h_SH = x_ND.new_empty(S, H)
-    up, down = dict(cfg["up"]), dict(cfg["down"])
-    if x_ND.element_size() > 2:  # fp32 tiles are twice the bytes: fewer pipeline stages fit in shared memory
-        up["num_stages"], down["num_stages"] = min(up["num_stages"], 2), min(down["num_stages"], 2)
-    grid_up = (triton.cdiv(capacity, bm) * triton.cdiv(H, up["BLOCK_N"]),)
-    _up_kernel[grid_up](x_ND, w1_EHD, w3_EHD, h_SH, ids, blk, n_pad, S, capacity, D, H, K,
-                        x_ND.stride(0), x_ND.stride(1), w1_EHD.stride(0), w1_EHD.stride(1), w1_EHD.stride(2),
-                        h_SH.stride(0), h_SH.stride(1), BLOCK_M=bm, BLOCK_N=up["BLOCK_N"], BLOCK_K=up["BLOCK_K"],
-                        GROUP_M=gm, IEEE=ieee, UPCAST=INTERPRETED, num_warps=up["num_warps"],
-                        num_stages=up["num_stages"])
     y_SD = x_ND.new_empty(S, D)
-    rw_S = weights_NK.reshape(-1).float()
-    grid_down = (triton.cdiv(capacity, bm) * triton.cdiv(D, down["BLOCK_N"]),)
-    _down_kernel[grid_down](h_SH, w2_EDH, y_SD, rw_S, ids, blk, n_pad, S, capacity, D, H,
-                            h_SH.stride(0), h_SH.stride(1), w2_EDH.stride(0), w2_EDH.stride(1), w2_EDH.stride(2),
-                            y_SD.stride(0), y_SD.stride(1), BLOCK_M=bm, BLOCK_N=down["BLOCK_N"],
-                            BLOCK_K=down["BLOCK_K"], GROUP_M=gm, IEEE=ieee, UPCAST=INTERPRETED,
-                            num_warps=down["num_warps"], num_stages=down["num_stages"])
+    rw_S = weights_NK.reshape(-1)  # the kernels read it in any dtype, in float32
+    x_strides = (x_ND.stride(0), x_ND.stride(1))
+    w13_strides, w2_strides = w1_EHD.stride(), w2_EDH.stride()
+    hy_strides = (h_SH.stride(0), h_SH.stride(1), y_SD.stride(0), y_SD.stride(1))
+    if cfg["kind"] == "gemv":
+        flat = experts_NK.reshape(-1)
+        _up_gemv_kernel[(S * triton.cdiv(H, up["BLOCK_N"]),)](
+            x_ND, w1_EHD, w3_EHD, h_SH, flat, D, H, K, *x_strides, *w13_strides, *hy_strides[:2],
+            EVEN_K=D % up["BLOCK_K"] == 0, **up)
+        _down_gemv_kernel[(S * triton.cdiv(D, down["BLOCK_N"]),)](
+            h_SH, w2_EDH, y_SD, rw_S, flat, D, H, *hy_strides[:2], *w2_strides, *hy_strides[2:],
+            EVEN_K=H % down["BLOCK_K"] == 0, **down)
+    else:
+        bm, gm = cfg["BLOCK_M"], cfg["GROUP_M"]
+        ids, blk, n_pad, capacity = align_blocks(experts_NK, E, bm)
+        ieee = x_ND.dtype == torch.float32
+        _up_kernel[(triton.cdiv(capacity, bm) * triton.cdiv(H, up["BLOCK_N"]),)](
+            x_ND, w1_EHD, w3_EHD, h_SH, ids, blk, n_pad, S, capacity, D, H, K, *x_strides, *w13_strides,
+            *hy_strides[:2], BLOCK_M=bm, GROUP_M=gm, IEEE=ieee, UPCAST=INTERPRETED, **up)
+        _down_kernel[(triton.cdiv(capacity, bm) * triton.cdiv(D, down["BLOCK_N"]),)](
+            h_SH, w2_EDH, y_SD, rw_S, ids, blk, n_pad, S, capacity, D, H, *hy_strides[:2], *w2_strides,
+            *hy_strides[2:], BLOCK_M=bm, GROUP_M=gm, IEEE=ieee, UPCAST=INTERPRETED, **down)
+    if K == 2:  # one elementwise add: a reduction kernel over a dimension of 2 costs several times more
+        y_NKD = y_SD.view(N, K, D)
+        return y_NKD[:, 0] + y_NKD[:, 1]
     return y_SD.view(N, K, D).sum(1) if K > 1 else y_SD
 
 
@@ -218,8 +327,9 @@ _state = {"checked": False, "broken": None}  # first launch on this machine: did
 
 def triton_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
                experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
-    """The `triton` backend: fused kernels for inference; the `grouped` path when gradients are needed,
-    under torch.compile, or when the kernels cannot be built on this GPU (warned once)."""
+    """The `triton` backend: fused kernels for inference up to FUSED_MAX_SLOTS token-slots; the `grouped`
+    path beyond (cuBLAS is faster there), when gradients are needed, under torch.compile, or when the
+    kernels cannot be built on this GPU (warned once)."""
     args = (x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
     if torch.compiler.is_compiling():  # inside torch.compile: grouped's fixed-shape formulations
         return grouped_moe(*args)
@@ -230,7 +340,7 @@ def triton_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w
                          f"got {x_ND.device}; use the 'grouped' backend")
     if x_ND.shape[0] == 0:
         return torch.zeros_like(x_ND)
-    if _state["broken"] is not None:
+    if _state["broken"] is not None or experts_NK.numel() > FUSED_MAX_SLOTS:
         return grouped_moe(*args)
     if _state["checked"]:
         return fused_moe(*args)

@@ -68,9 +68,10 @@ CASES = [  # (N, D, H, E, K, routing): decode layout (<= 16 slots) and sorted la
 ]
 
 
-@pytest.mark.parametrize("n_slots", [2, 100, 10_000])
+@pytest.mark.parametrize("n_slots", [2, 8, 100, 10_000])
 def test_every_tile_config(n_slots):
-    # each configuration block_config can pick, forced onto one routing (rows padded per expert)
+    # each configuration block_config can pick (matrix-vector, per-expert blocks, sorted), forced onto one
+    # routing of 90 slots
     x, w1, w2, w3, experts, weights = make(45, 24, 40, 6, 2, routing="few experts")
     y = tm.fused_moe(x, w1, w2, w3, experts, weights, config=tm.block_config(n_slots, 6))
     assert (y - naive_moe(x, w1, w2, w3, experts, weights)).abs().max() <= 1e-5
@@ -99,7 +100,9 @@ def test_bfloat16_no_worse_than_naive_in_bfloat16(N, D, H, E, K, routing):
 
 def test_align_blocks_covers_every_slot_once_in_single_expert_blocks():
     g = torch.Generator().manual_seed(3)
-    for N, E, K, bm in [(40, 8, 2, 16), (33, 5, 3, 32), (100, 8, 1, 16), (9, 4, 2, 16)]:
+    # sorted layouts, then per-expert blocks (slots <= block_m, no sort)
+    for N, E, K, bm in [(40, 8, 2, 16), (33, 5, 3, 32), (100, 8, 1, 16), (9, 4, 2, 16), (4, 8, 2, 16), (8, 4, 2, 16),
+                        (1, 8, 2, 16), (16, 3, 1, 16)]:
         experts = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
         ids, blk, n_pad, capacity = tm.align_blocks(experts, E, bm)
         S = N * K
@@ -166,3 +169,10 @@ def test_mixed_dtypes_are_refused_by_name():
     x, w1, w2, w3, experts, weights = make(4, 16, 16, 4, 2)
     with pytest.raises(ValueError, match="one dtype"):
         tm.fused_moe(x.double(), w1, w2, w3, experts, weights)
+
+
+def test_large_batches_take_the_grouped_path():
+    from smoe.kernels.grouped import grouped_moe
+    N = tm.FUSED_MAX_SLOTS // 2 + 1  # one token-slot over, with top-2
+    args = make(N, 16, 24, 4, 2)
+    assert torch.equal(get_backend("triton")(*args), grouped_moe(*args))
