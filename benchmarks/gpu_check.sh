@@ -2,20 +2,21 @@
 # One prepared GPU check for smoe's fast MoE compute (issue 3), for a fresh H100/H200 machine with torch
 # and triton installed system-wide (no .venv, no network). Run from the repository root:
 #     bash benchmarks/gpu_check.sh            # writes logs and JSON under $OUT (default ./out)
-# Steps (each under its own timeout, 390 s in all; a failing step does not stop the next):
-#   1. correctness on CUDA: the Triton MoE cases (tests/kernels/triton_cases.py) and the CUDA-graph decode test
-#   2. one MoE layer, 8x7B expert shapes (D 4096, H 14336, E 8, top-2), bf16 forward, 1..8192 tokens:
-#      smoe triton vs torch grouped_mm vs smoe grouped vs the dense-equivalent (+ naive, as the reference of
-#      the max-abs-diff check printed in the JSON)
-#   3. decode batch 1 of the mixtral-8x7b preset with random bf16 weights vs the HBM roofline: all 32 layers
+# Steps (each under its own timeout, 480 s in all; a failing step does not stop the next), the figures first:
+#   1. one MoE layer, 8x7B expert shapes (D 4096, H 14336, E 8, top-2), bf16 forward, 1..8192 tokens:
+#      smoe triton vs torch grouped_mm, transformers' block, smoe grouped, the dense-equivalent and the
+#      touched experts' own matmuls (+ naive, the reference of the max-abs-diff check printed in the JSON)
+#   2. decode batch 1 of the mixtral-8x7b preset with random bf16 weights vs the HBM roofline: all 32 layers
 #      (~87 GiB) when the GPU has > 120 GiB (H200), else 16 layers (H100), reported as a roofline fraction
-#      and extrapolated to 32 layers at that fraction; eager and CUDA-graph decode.
+#      and extrapolated to 32 layers at that fraction; eager and CUDA-graph decode; then the GPU kernels of
+#      one eager decode step by name (benchmarks/step_profile.py)
+#   3. correctness on CUDA: the Triton MoE cases (tests/kernels/triton_cases.py) and the CUDA-graph decode test
 set -u -o pipefail
 set -x
 OUT="${OUT:-./out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export TOKENIZERS_PARALLELISM=false
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 PY="$(command -v python3 || command -v python)"
 status=0
 step() {  # step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.log, remember a failure, carry on
@@ -31,20 +32,12 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.log, remember a fa
 
 step env 20 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory / 2**30, \"GiB\")'; $PY -c 'import pytest, hypothesis' || echo 'pytest/hypothesis missing'"
 
-# 1. correctness (pytest if present; the layer benchmark below also prints triton-vs-naive differences)
-if "$PY" -c "import pytest" 2>/dev/null; then
-    step correctness 120 "$PY" -m pytest -q -x -p no:cacheprovider -m "" tests/kernels/test_triton_moe.py \
-        tests/kernels/test_decode_compile.py -k "not compiled_decode and not compile_failure and not aot"
-else
-    echo "pytest missing: correctness only through the benchmark's max_abs_diff" | tee -a "$OUT/summary.txt"
-fi
-
-# 2. the MoE layer on the GPU
+# 1. the MoE layer on the GPU
 step moe_layer 110 "$PY" benchmarks/moe_layer.py --device cuda --preset mixtral-8x7b --dtypes bfloat16 --modes fwd \
-    --tokens 1 4 16 64 256 1024 4096 8192 --impls triton torch_grouped_mm grouped dense naive --repeat 10 \
+    --tokens 1 4 16 64 256 1024 4096 8192 --impls triton torch_grouped_mm grouped hf_grouped_mm dense naive matmuls --repeat 10 \
     --out "$OUT/moe_layer_gpu.json"
 
-# 3. decode at the 8x7B shape against the roofline
+# 2. decode at the 8x7B shape against the roofline
 MEM_GIB=$("$PY" -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory / 2**30))" 2>/dev/null || echo 0)
 NAME=$("$PY" -c "import torch; print(torch.cuda.get_device_name())" 2>/dev/null || echo unknown)
 case "$NAME" in
@@ -58,6 +51,17 @@ PEAK_ARG=()
 step decode 140 "$PY" benchmarks/decode.py --device cuda --models mixtral-8x7b --layers "$LAYERS" --dtypes bfloat16 \
     --batches 1 --impls smoe smoe-aot --repeat 3 --short 8 --long 40 ${PEAK_ARG[@]+"${PEAK_ARG[@]}"} \
     --out "$OUT/decode_gpu.json"
+
+# 2b. the kernels of one eager decode step (4 layers of 8x7B), by name: what a token costs beyond the weights
+step step_profile 60 "$PY" benchmarks/step_profile.py --model mixtral-8x7b --layers 4 --out "$OUT/step_profile.json"
+
+# 3. correctness (pytest if present; the layer benchmark above also prints triton-vs-naive differences)
+if "$PY" -c "import pytest" 2>/dev/null; then
+    step correctness 150 "$PY" -m pytest -q --maxfail=5 -p no:cacheprovider -m "" tests/kernels/test_triton_moe.py \
+        tests/kernels/test_decode_compile.py::test_cuda_graph_decode_gives_the_eager_tokens
+else
+    echo "pytest missing: correctness only through the benchmark's max_abs_diff" | tee -a "$OUT/summary.txt"
+fi
 
 echo "overall status $status (0: every step passed)" | tee -a "$OUT/summary.txt"
 exit "$status"

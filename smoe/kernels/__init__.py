@@ -6,13 +6,15 @@ with stacked expert weights w1_EHD, w3_EHD (dim -> hidden) and w2_EDH (hidden ->
 Legend: N tokens, K chosen experts per token, E experts, D model dim, H expert hidden dim.
 
 Backends: `naive` (the reference loop), `grouped` (sorted dispatch + per-expert matmuls, with its own
-backward; the CPU default), `triton` (fused Triton kernels, the CUDA default, registered when Triton
-is installed; falls back to `grouped` for gradients). Benchmarks: benchmarks/moe_layer.py.
+backward; the CPU default), `triton` (fused Triton kernels up to 1024 token-slots, the CUDA default,
+registered when Triton is installed; `grouped` for gradients and larger batches). Benchmarks:
+benchmarks/moe_layer.py, benchmarks/moe_tune.py (the kernels' tilings).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -37,8 +39,36 @@ def _triton_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, 
     return triton_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
 
 
-if importlib.util.find_spec("triton") is not None:
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+if HAVE_TRITON:
     register_backend("triton", _triton_moe)
+
+# widest row the fused RMSNorm kernel takes in one program (wider rows use the torch code)
+FUSED_NORM_MAX_DIM = 32768
+# tokens up to which the fused router runs (one program per token; beyond, a matmul is the better way)
+ROUTE_MAX_TOKENS = 256
+_fused = {"broken": None}
+
+
+def fused_ops_apply(*tensors: torch.Tensor) -> bool:
+    """Whether the one-launch Triton RMSNorm, RoPE and router (smoe.kernels.triton_ops) serve these tensors: on
+    CUDA with Triton, without autograd, outside torch.compile, and only if the kernels built here."""
+    t = tensors[0]
+    return (HAVE_TRITON and t.device.type == "cuda" and _fused["broken"] is None
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)))
+
+
+def fused_op(name: str, *args) -> torch.Tensor | None:
+    """smoe.kernels.triton_ops.<name>(*args), or None (warned once) if its kernel cannot run on this GPU."""
+    try:
+        from smoe.kernels import triton_ops
+        return getattr(triton_ops, name)(*args)
+    except Exception as err:  # Triton's compile and launch errors have no common base class
+        _fused["broken"] = f"{type(err).__name__}: {err}"
+        warnings.warn(f"the fused Triton {name} failed on this device ({_fused['broken'][:300]}); "
+                      f"using the torch code", stacklevel=2)
+        return None
 
 
 def get_backend(name: str) -> MoEFn:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from smoe.kernels import default_backend, moe_experts
+from smoe.kernels import FUSED_NORM_MAX_DIM, ROUTE_MAX_TOKENS, default_backend, fused_op, fused_ops_apply, moe_experts
 from smoe.kernels.linear import Linear
 from smoe.model.attention import Attend, SelfAttention
 from smoe.model.config import ModelConfig
@@ -28,6 +28,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_ops_apply(x, self.weight) and x.shape[-1] <= FUSED_NORM_MAX_DIM:  # CUDA inference: one launch
+            out = fused_op("rms_norm", x, self.weight, self.eps)
+            if out is not None:
+                return out
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -43,6 +47,10 @@ def rope_cos_sin(positions_BT: torch.Tensor, inv_freq: torch.Tensor, dtype: torc
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (i, i + hd/2) of x (B, h, T, hd): the Hugging Face (rotate-half) layout."""
+    if fused_ops_apply(x, cos, sin):  # CUDA inference: one launch
+        out = fused_op("apply_rope", x, cos, sin)
+        if out is not None:
+            return out
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -74,6 +82,10 @@ def route(x_ND: torch.Tensor, gate_weight_ED: torch.Tensor, top_k: int
     Returns (weights_NK float32, experts_NK, logits_NE float32). Softmax over the chosen k equals
     softmax over all E, top-k, renormalise.
     """
+    if x_ND.shape[0] <= ROUTE_MAX_TOKENS and top_k <= gate_weight_ED.shape[0] and fused_ops_apply(x_ND, gate_weight_ED):
+        out = fused_op("route", x_ND, gate_weight_ED, top_k)  # CUDA inference: one launch
+        if out is not None:
+            return out
     logits_NE = F.linear(x_ND.float(), gate_weight_ED.float())
     top_logits_NK, experts_NK = torch.topk(logits_NE, top_k, dim=-1)
     return torch.softmax(top_logits_NK, dim=-1), experts_NK, logits_NE

@@ -171,6 +171,88 @@ def test_mixed_dtypes_are_refused_by_name():
         tm.fused_moe(x.double(), w1, w2, w3, experts, weights)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 64), (2, 5, 48), (3, 200)])
+def test_fused_rms_norm_equals_the_model_norm(shape, dtype):
+    from smoe.kernels.triton_ops import rms_norm
+    from smoe.model.transformer import RMSNorm
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(shape[-1], 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(shape[-1], generator=g) + 0.5)
+    norm = norm.to(DEVICE, dtype)
+    x = (torch.randn(shape, generator=g) * 3).to(DEVICE, dtype)
+    with torch.enable_grad():  # parameters that want gradients: the torch code
+        ref = norm(x)
+    out = rms_norm(x, norm.weight, norm.eps)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    # the same roundings; only the order of the float32 sum of squares differs (a few float32 ulps of the
+    # scale), so bf16 results agree but for rare last-bit ties
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=2e-6, atol=1e-6)
+    elif ON_GPU:
+        ulp = 2.0**-7 * ref.float().abs()
+        assert ((out.float() - ref.float()).abs() <= ulp).all()
+        assert (out == ref).float().mean() > 0.99
+    else:  # the interpreter narrows float32 to bf16 by truncation: two roundings, one ulp each, toward zero
+        assert ((out.float() - ref.float()).abs() <= 2 * 2.0**-7 * ref.float().abs()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rope_equals_the_model_rope(dtype):
+    from smoe.kernels.triton_ops import apply_rope as fused_rope
+    from smoe.model import transformer as tf
+    g = torch.Generator().manual_seed(1)
+    B, T, H, hd = 2, 7, 3, 16
+    x_BTHd = torch.randn(B, T, H, hd, generator=g).to(DEVICE, dtype)
+    x = x_BTHd.transpose(1, 2)  # (B, H, T, hd) with the projection's strides, as the model hands it over
+    positions = torch.randint(0, 5000, (B, T), generator=g).to(DEVICE)
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)).to(DEVICE)
+    cos, sin = tf.rope_cos_sin(positions, inv_freq, dtype)
+    with torch.enable_grad():
+        ref = tf.apply_rope(x.clone().requires_grad_(), cos, sin).detach()
+    out = fused_rope(x, cos, sin)
+    assert out.shape == ref.shape and out.stride() == x.stride()
+    if dtype == torch.bfloat16:
+        # each product rounded to bf16, then the sum: on a GPU an element may still differ in its last bit
+        # (measured on an H200), and the interpreter narrows by truncation; either way within 3 roundings
+        # of the terms, where a wrong rotation would be off by the terms themselves
+        x1, x2 = x.float().chunk(2, dim=-1)
+        scale = (x1.abs() + x2.abs()).repeat(1, 1, 1, 2)
+        assert ((out.float() - ref.float()).abs() <= 3 * 2.0**-7 * scale).all()
+    else:  # float32 may fuse a product into the sum (one rounding fewer)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the model calls the fused ops on CUDA only")
+def test_fused_ops_in_a_model_match_the_torch_code():
+    from tests.conftest import tiny_model
+    model = tiny_model(seed=2).to(DEVICE)
+    tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with torch.enable_grad():
+        ref = model(tokens)  # parameters want gradients: norm and RoPE in torch
+    with torch.no_grad():
+        out = model(tokens)
+    assert (out - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,D,E,K", [(1, 64, 8, 2), (5, 48, 8, 2), (3, 40, 5, 3), (4, 32, 16, 1), (2, 600, 8, 4)])
+def test_fused_router_equals_route(N, D, E, K, dtype):
+    from smoe.kernels.triton_ops import route as fused_route
+    from smoe.model.transformer import route
+    g = torch.Generator().manual_seed(N * 100 + D)
+    x = torch.randn(N, D, generator=g).to(DEVICE, dtype)
+    gate = torch.randn(E, D, generator=g).to(DEVICE, dtype).requires_grad_()
+    with torch.enable_grad():  # a gate that wants gradients: the torch code
+        ref = [t.detach() for t in route(x, gate, K)]
+    w, e, logits = fused_route(x, gate.detach(), K)
+    torch.testing.assert_close(logits, ref[2], rtol=1e-5, atol=1e-5)  # float32 sums in another order
+    assert torch.equal(e, ref[1])  # random logits: no near-ties
+    torch.testing.assert_close(w, ref[0], rtol=1e-5, atol=1e-6)
+    assert w.dtype == torch.float32 and e.dtype == torch.long and logits.dtype == torch.float32
+
+
 def test_large_batches_take_the_grouped_path():
     from smoe.kernels.grouped import grouped_moe
     N = tm.FUSED_MAX_SLOTS // 2 + 1  # one token-slot over, with top-2
