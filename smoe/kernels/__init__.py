@@ -53,8 +53,7 @@ _fused = {"broken": None}
 def fused_ops_apply(*tensors: torch.Tensor) -> bool:
     """Whether the one-launch Triton RMSNorm, RoPE and router (smoe.kernels.triton_ops) serve these tensors: on
     CUDA with Triton, without autograd, outside torch.compile, and only if the kernels built here."""
-    t = tensors[0]
-    return (HAVE_TRITON and t.device.type == "cuda" and _fused["broken"] is None
+    return (tensors[0].is_cuda and HAVE_TRITON and _fused["broken"] is None
             and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)))
 
