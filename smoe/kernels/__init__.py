@@ -45,7 +45,7 @@ if HAVE_TRITON:
 
 # widest row the fused RMSNorm kernel takes in one program (wider rows use the torch code)
 FUSED_NORM_MAX_DIM = 32768
-# tokens up to which the fused router runs (one program per token; beyond, a matmul is the better way)
+# tokens up to which the fused router runs (one program per token, each reading the whole gate: decode sizes)
 ROUTE_MAX_TOKENS = 256
 _fused = {"broken": None}
 

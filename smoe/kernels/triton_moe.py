@@ -9,8 +9,8 @@ BLOCK_M-row block belongs to one expert. Then
      writing one row per token-slot; the K rows of a token are summed (deterministic, no atomics).
 Blocks with no slot (experts no token chose) return at once, so their weights are never read. The
 layouts by size (block_config): a few slots run matrix-vector kernels, one program per (slot, column
-block), with no layout at all; up to BLOCK_M tokens every expert gets one block, built without
-sorting; beyond, slots are sorted by expert. None of them synchronises with the host, so a decode step
+block), with no layout at all; up to 16 slots every expert gets one block, built without sorting;
+beyond, slots are sorted by expert. None of them synchronises with the host, so a decode step
 is a fixed sequence of launches (CUDA-graph friendly).
 
 Forward only: with autograd the `grouped` path (segment matmuls and their backward) is used.
