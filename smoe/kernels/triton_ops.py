@@ -4,8 +4,9 @@ A decode step of a large MoE is mostly weight reads, but eagerly each RMSNorm is
 rotary embedding five and the router six; in a CUDA-graph replay these tiny kernels, not the bytes,
 make up the rest of the step. Each kernel here rounds where the torch code in smoe/model/transformer.py
 rounds (the Hugging Face order), so it returns the same values up to the last bit of some elements:
-RoPE within one rounding of its terms, RMSNorm and the router's logits up to the order of a float32
-sum (the router's top-k breaks ties towards the lower expert id). The model calls them only on CUDA
+RoPE is built without fused multiply-adds (on an H200 Triton had fused a product into the sum, one
+rounding fewer than torch), RMSNorm and the router's logits differ only in the order of a float32 sum
+(the router's top-k breaks ties towards the lower expert id). The model calls them only on CUDA
 without autograd (smoe.kernels.fused_ops_apply).
 """
 
@@ -14,9 +15,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-# widest row one RMSNorm program holds (Mixtral's 4096 and far beyond); wider rows take the torch path
-MAX_NORM_DIM = 32768
 
 
 @triton.jit
@@ -86,7 +84,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = hd // 2
     _rope_kernel[(B * n_heads * T,)](x, cos, sin, out, n_heads, T, x.stride(0), x.stride(1), x.stride(2),
                                      cos.stride(0), cos.stride(2), out.stride(0), out.stride(1), out.stride(2),
-                                     HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=1)
+                                     HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=1,
+                                     enable_fp_fusion=False)  # round each product, as torch does
     return out
 
 
