@@ -66,37 +66,18 @@ def kernels_for(layout: str, S: int):
 
 
 def launchers(c: dict, x, w1, w2, w3, experts, weights):
-    """Closures launching only the up kernel and only the down kernel with candidate c."""
-    N, D = x.shape
-    E, H, _ = w1.shape
-    K = experts.shape[1]
-    S = N * K
-    t = tm._launch_options(c["tiles"], x.dtype, c["kind"] == "dot")
+    """Closures launching only the up kernel and only the down kernel with candidate c (smoe's launch code)."""
+    S, H, D = experts.numel(), w1.shape[1], x.shape[1]
     h = torch.randn(S, H, device=x.device, dtype=x.dtype)
     y = x.new_empty(S, D)
-    rw = weights.reshape(-1).float()
-    flat = experts.reshape(-1)
-    if c["kind"] == "gemv":
-        def up():
-            tm._up_gemv_kernel[(S * triton.cdiv(H, t["BLOCK_N"]),)](
-                x, w1, w3, h, flat, D, H, K, *x.stride(), *w1.stride(), *h.stride(), EVEN_K=D % t["BLOCK_K"] == 0, **t)
-
-        def down():
-            tm._down_gemv_kernel[(S * triton.cdiv(D, t["BLOCK_N"]),)](
-                h, w2, y, rw, flat, D, H, *h.stride(), *w2.stride(), *y.stride(), EVEN_K=H % t["BLOCK_K"] == 0, **t)
-        return up, down
-    bm, gm = c["BLOCK_M"], c["GROUP_M"]
-    ids, blk, n_pad, cap = tm.align_blocks(experts, E, bm)
+    rw = weights.reshape(-1)
+    layout = tm.slot_layout(c, experts, w1.shape[0])
 
     def up():
-        tm._up_kernel[(triton.cdiv(cap, bm) * triton.cdiv(H, t["BLOCK_N"]),)](
-            x, w1, w3, h, ids, blk, n_pad, S, cap, D, H, K, *x.stride(), *w1.stride(), *h.stride(),
-            BLOCK_M=bm, GROUP_M=gm, IEEE=False, UPCAST=False, **t)
+        tm.launch_up(c, c["tiles"], layout, x, w1, w3, h, experts)
 
     def down():
-        tm._down_kernel[(triton.cdiv(cap, bm) * triton.cdiv(D, t["BLOCK_N"]),)](
-            h, w2, y, rw, ids, blk, n_pad, S, cap, D, H, *h.stride(), *w2.stride(), *y.stride(),
-            BLOCK_M=bm, GROUP_M=gm, IEEE=False, UPCAST=False, **t)
+        tm.launch_down(c, c["tiles"], layout, h, w2, y, rw, experts)
     return up, down
 
 

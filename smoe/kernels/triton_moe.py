@@ -277,45 +277,64 @@ def _launch_options(tiles: dict, dtype: torch.dtype, dot: bool = True) -> dict:
     return opts
 
 
+def slot_layout(cfg: dict, experts_NK: torch.Tensor, n_experts: int) -> tuple | None:
+    """What a config's kernels read to find their rows: None for the matrix-vector kernels (a program per
+    slot), else align_blocks' (ids, block experts, padded rows, capacity) for its BLOCK_M."""
+    return None if cfg["kind"] == "gemv" else align_blocks(experts_NK, n_experts, cfg["BLOCK_M"])
+
+
+def launch_up(cfg: dict, tiles: dict, layout: tuple | None, x_ND: torch.Tensor, w1_EHD: torch.Tensor,
+              w3_EHD: torch.Tensor, h_SH: torch.Tensor, experts_NK: torch.Tensor) -> None:
+    """h_SH = SiLU(x w1^T) * (x w3^T) for every token-slot, with the config's kernel and these tiles."""
+    (N, D), (_, H, _), K = x_ND.shape, w1_EHD.shape, experts_NK.shape[1]
+    t = _launch_options(tiles, x_ND.dtype, cfg["kind"] == "dot")
+    args = (*x_ND.stride(), *w1_EHD.stride(), *h_SH.stride())
+    if layout is None:
+        _up_gemv_kernel[(N * K * triton.cdiv(H, t["BLOCK_N"]),)](
+            x_ND, w1_EHD, w3_EHD, h_SH, experts_NK.reshape(-1), D, H, K, *args, EVEN_K=D % t["BLOCK_K"] == 0, **t)
+        return
+    ids, blk, n_pad, capacity = layout
+    bm = cfg["BLOCK_M"]
+    _up_kernel[(triton.cdiv(capacity, bm) * triton.cdiv(H, t["BLOCK_N"]),)](
+        x_ND, w1_EHD, w3_EHD, h_SH, ids, blk, n_pad, N * K, capacity, D, H, K, *args, BLOCK_M=bm,
+        GROUP_M=cfg["GROUP_M"], IEEE=x_ND.dtype == torch.float32, UPCAST=INTERPRETED, **t)
+
+
+def launch_down(cfg: dict, tiles: dict, layout: tuple | None, h_SH: torch.Tensor, w2_EDH: torch.Tensor,
+                y_SD: torch.Tensor, rw_S: torch.Tensor, experts_NK: torch.Tensor) -> None:
+    """y_SD = rw_S * (h w2^T) for every token-slot, with the config's kernel and these tiles."""
+    (S, H), D = h_SH.shape, w2_EDH.shape[1]
+    t = _launch_options(tiles, h_SH.dtype, cfg["kind"] == "dot")
+    args = (*h_SH.stride(), *w2_EDH.stride(), *y_SD.stride())
+    if layout is None:
+        _down_gemv_kernel[(S * triton.cdiv(D, t["BLOCK_N"]),)](
+            h_SH, w2_EDH, y_SD, rw_S, experts_NK.reshape(-1), D, H, *args, EVEN_K=H % t["BLOCK_K"] == 0, **t)
+        return
+    ids, blk, n_pad, capacity = layout
+    bm = cfg["BLOCK_M"]
+    _down_kernel[(triton.cdiv(capacity, bm) * triton.cdiv(D, t["BLOCK_N"]),)](
+        h_SH, w2_EDH, y_SD, rw_S, ids, blk, n_pad, S, capacity, D, H, *args, BLOCK_M=bm,
+        GROUP_M=cfg["GROUP_M"], IEEE=h_SH.dtype == torch.float32, UPCAST=INTERPRETED, **t)
+
+
 def fused_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
               experts_NK: torch.Tensor, weights_NK: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     """The two fused launches (no autograd): out_ND = sum_k weights_NK[:, k] * SwiGLU_{experts_NK[:, k]}(x_ND)."""
     N, D = x_ND.shape
     E, H, _ = w1_EHD.shape
     K = experts_NK.shape[1]
-    S = N * K
     if not (w1_EHD.dtype == w2_EDH.dtype == w3_EHD.dtype == x_ND.dtype):
         raise ValueError(f"triton MoE wants one dtype, got x {x_ND.dtype}, w1 {w1_EHD.dtype}, w2 {w2_EDH.dtype}, "
                          f"w3 {w3_EHD.dtype}")
     if w3_EHD.stride() != w1_EHD.stride():
         raise ValueError("w1 and w3 must have the same strides")
-    cfg = config or block_config(S, E)
-    dot = cfg["kind"] == "dot"
-    up, down = _launch_options(cfg["up"], x_ND.dtype, dot), _launch_options(cfg["down"], x_ND.dtype, dot)
-    h_SH = x_ND.new_empty(S, H)
-    y_SD = x_ND.new_empty(S, D)
-    rw_S = weights_NK.reshape(-1)  # the kernels read it in any dtype, in float32
-    x_strides = (x_ND.stride(0), x_ND.stride(1))
-    w13_strides, w2_strides = w1_EHD.stride(), w2_EDH.stride()
-    hy_strides = (h_SH.stride(0), h_SH.stride(1), y_SD.stride(0), y_SD.stride(1))
-    if cfg["kind"] == "gemv":
-        flat = experts_NK.reshape(-1)
-        _up_gemv_kernel[(S * triton.cdiv(H, up["BLOCK_N"]),)](
-            x_ND, w1_EHD, w3_EHD, h_SH, flat, D, H, K, *x_strides, *w13_strides, *hy_strides[:2],
-            EVEN_K=D % up["BLOCK_K"] == 0, **up)
-        _down_gemv_kernel[(S * triton.cdiv(D, down["BLOCK_N"]),)](
-            h_SH, w2_EDH, y_SD, rw_S, flat, D, H, *hy_strides[:2], *w2_strides, *hy_strides[2:],
-            EVEN_K=H % down["BLOCK_K"] == 0, **down)
-    else:
-        bm, gm = cfg["BLOCK_M"], cfg["GROUP_M"]
-        ids, blk, n_pad, capacity = align_blocks(experts_NK, E, bm)
-        ieee = x_ND.dtype == torch.float32
-        _up_kernel[(triton.cdiv(capacity, bm) * triton.cdiv(H, up["BLOCK_N"]),)](
-            x_ND, w1_EHD, w3_EHD, h_SH, ids, blk, n_pad, S, capacity, D, H, K, *x_strides, *w13_strides,
-            *hy_strides[:2], BLOCK_M=bm, GROUP_M=gm, IEEE=ieee, UPCAST=INTERPRETED, **up)
-        _down_kernel[(triton.cdiv(capacity, bm) * triton.cdiv(D, down["BLOCK_N"]),)](
-            h_SH, w2_EDH, y_SD, rw_S, ids, blk, n_pad, S, capacity, D, H, *hy_strides[:2], *w2_strides,
-            *hy_strides[2:], BLOCK_M=bm, GROUP_M=gm, IEEE=ieee, UPCAST=INTERPRETED, **down)
+    cfg = config or block_config(N * K, E)
+    layout = slot_layout(cfg, experts_NK, E)
+    h_SH = x_ND.new_empty(N * K, H)
+    y_SD = x_ND.new_empty(N * K, D)
+    launch_up(cfg, cfg["up"], layout, x_ND, w1_EHD, w3_EHD, h_SH, experts_NK)
+    # the router weights are read in any dtype, in float32
+    launch_down(cfg, cfg["down"], layout, h_SH, w2_EDH, y_SD, weights_NK.reshape(-1), experts_NK)
     if K == 2:  # one elementwise add: a reduction kernel over a dimension of 2 costs several times more
         y_NKD = y_SD.view(N, K, D)
         return y_NKD[:, 0] + y_NKD[:, 1]
