@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--impls", nargs="+", default=["smoe", "smoe-jit", "smoe-aot", "transformers"],
                    choices=["smoe", "smoe-jit", "smoe-aot", "transformers"],
-                   help="smoe: eager; smoe-jit: compile='jit' (torch.compile on the CPU); smoe-aot: compile=True "
-                        "(AOTInductor on the CPU); both a CUDA graph on CUDA")
+                   help="smoe: eager; smoe-jit: compile='jit' (torch.compile; on CUDA captured as a CUDA graph); "
+                        "smoe-aot: compile=True (AOTInductor on the CPU; on CUDA the CUDA graph of the eager step)")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--short", type=int, default=8, help="tokens of the short generation")
     p.add_argument("--long", type=int, default=40, help="tokens of the long generation")

@@ -1,10 +1,11 @@
-"""GPU kernels of one eager decode step, by name: how many launches and how much GPU time a token costs.
+"""GPU kernels of one decode step, by name: how many launches and how much GPU time a token costs.
 
 Profiles a long and a short greedy generation (torch.profiler) and prints the difference per decoded
-token, so prefill and set-up cancel out. In a CUDA-graph replay the same kernels run without the CPU
-launch cost; their count is what the small per-layer kernels add beyond the weight reads.
+token, so prefill and set-up cancel out. By default the step is eager: a CUDA-graph replay (--compile aot)
+runs the same kernels without the CPU launch cost, and their count is what the small per-layer kernels
+add beyond the weight reads; --compile jit profiles the graph of the torch.compile'd step (fused kernels).
 
-    python benchmarks/step_profile.py --model mixtral-8x7b --layers 4
+    python benchmarks/step_profile.py --model mixtral-8x7b --layers 4 [--compile jit]
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from decode import model_config, random_model  # noqa: E402
 from smoe.generation import generate  # noqa: E402
 
 
-def kernels(model, prompt: list[int], n: int) -> dict[str, list[float]]:
+def kernels(model, prompt: list[int], n: int, compile: bool | str = False) -> dict[str, list[float]]:
     """{kernel name: [launches, GPU microseconds]} of one greedy generation of n tokens."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        generate(model, prompt, max_tokens=n, ignore_eos=True)
+        generate(model, prompt, max_tokens=n, ignore_eos=True, compile=compile)
         torch.cuda.synchronize()
     out: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     for e in prof.key_averages():
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--short", type=int, default=4)
     p.add_argument("--long", type=int, default=20)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--compile", default="none", choices=["none", "aot", "jit"],
+                   help="the decode step: eager (none), the CUDA graph of it (aot) or of the compiled step (jit)")
     p.add_argument("--out", default="runs/benchmarks/step_profile.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -56,8 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = model_config(args.model, args.layers)
     model = random_model(cfg, getattr(torch, args.dtype), "cuda")
     prompt = list(range(3, 19))
-    generate(model, prompt, max_tokens=args.short, ignore_eos=True)  # warm-up: Triton builds, cuBLAS handles
-    long_, short = kernels(model, prompt, args.long), kernels(model, prompt, args.short)
+    compile_ = {"none": False}.get(args.compile, args.compile)
+    generate(model, prompt, max_tokens=args.short, ignore_eos=True, compile=compile_)  # warm-up: builds, compiles
+    long_, short = kernels(model, prompt, args.long, compile_), kernels(model, prompt, args.short, compile_)
     steps = args.long - args.short
     rows = []
     for name, (count, us) in long_.items():
@@ -66,12 +70,13 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append((name, (count - c0) / steps, (us - t0) / steps))
     rows.sort(key=lambda r: -r[2])
     total_n, total_us = sum(r[1] for r in rows), sum(r[2] for r in rows)
-    print(f"{args.model}, {cfg.n_layers} layers, {args.dtype}: per decoded token {total_n:.0f} kernels, "
-          f"{total_us:.0f} us of GPU time ({total_n / cfg.n_layers:.1f} kernels per layer)")
+    print(f"{args.model}, {cfg.n_layers} layers, {args.dtype}, step {args.compile}: per decoded token "
+          f"{total_n:.0f} kernels, {total_us:.0f} us of GPU time ({total_n / cfg.n_layers:.1f} kernels per layer)")
     print(f"{'launches':>9} {'us':>9} {'us/launch':>10}  kernel")
     for name, n, us in rows[:args.top]:
         print(f"{n:>9.1f} {us:>9.1f} {us / n:>10.2f}  {name[:110]}")
-    result = {"model": args.model, "layers": cfg.n_layers, "dtype": args.dtype, "kernels_per_token": total_n,
+    result = {"model": args.model, "layers": cfg.n_layers, "dtype": args.dtype, "compile": args.compile,
+              "kernels_per_token": total_n,
               "gpu_us_per_token": total_us, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """The decode step of the generation loop: eager, or compiled (on the CPU ahead of time by AOTInductor,
-or by torch.compile; a replayed CUDA graph on CUDA).
+or by torch.compile; on CUDA a replayed CUDA graph of the eager or the torch.compile'd step).
 
 Compiled on the CPU, one step (B new tokens into the KV cache) is a single graph whose only dynamic
 sizes are the cache's length S and the n filled slots it attends over (so attention costs the
@@ -68,12 +68,15 @@ def _traced_step(model, tokens_B1, positions_B1, attn, top_k):
 
 
 class CompiledStep:
-    """eager_step through torch.compile (one graph per batch size, any cache length); eager if that fails."""
+    """eager_step through torch.compile (one graph per batch size, any cache length); eager if that fails.
+
+    row_linear: single-row linears as reductions (RowLinear, for the CPU); without it they stay library
+    matmuls (cuBLAS on CUDA) and inductor fuses the code between them."""
 
     static_cache = False
 
-    def __init__(self):
-        self.fn = torch.compile(_traced_step, dynamic=False)
+    def __init__(self, row_linear: bool = True):
+        self.fn = torch.compile(_traced_step if row_linear else eager_step, dynamic=False)
         self.failed: str | None = None
         self.cache_ref: Callable[[], object] | None = None  # the cache whose K/V sizes are marked (weakly)
 
@@ -100,17 +103,20 @@ class CompiledStep:
 
 
 class CUDAGraphStep:
-    """On CUDA: the eager step captured once per generation as a CUDA graph and replayed per token.
+    """On CUDA: a step (`inner`: the eager step, or a CompiledStep) captured once per generation as a
+    CUDA graph and replayed per token.
 
     The step's inputs (tokens, positions, the cache slot and mask) are copied into fixed buffers;
-    the K/V cache is written in place by the graph. The first step runs eagerly (which also builds
-    any Triton kernels), the second is captured. Needs a static cache and a sync-free MoE backend
-    (`triton` at decode sizes); otherwise, or if capture fails, the step stays eager (warned once).
+    the K/V cache is written in place by the graph. The first step runs as it is (which also builds
+    any Triton kernels and compiles), the second is captured. Needs a static cache and a sync-free MoE
+    backend (`triton` at decode sizes); otherwise, or if capture fails, `inner` runs uncaptured (warned
+    once).
     """
 
     static_cache = True
 
-    def __init__(self):
+    def __init__(self, inner: Step = eager_step):
+        self.inner = inner
         self.key = None
         self.graph = None
         self.failed: str | None = None
@@ -119,14 +125,14 @@ class CUDAGraphStep:
         cache = getattr(attn, "cache", None)
         if (self.failed is not None or tokens_B1.device.type != "cuda" or cache is None or not cache.static
                 or not hasattr(attn, "slots")):
-            return eager_step(model, tokens_B1, positions_B1, attn, top_k)
+            return self.inner(model, tokens_B1, positions_B1, attn, top_k)
         key = (id(model), id(cache), tuple(tokens_B1.shape), top_k)
-        if key != self.key:  # a new generation: run this step eagerly on a side stream, capture the next
+        if key != self.key:  # a new generation: run this step uncaptured on a side stream, capture the next
             self.key, self.graph = key, None
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                out = eager_step(model, tokens_B1, positions_B1, attn, top_k)
+                out = self.inner(model, tokens_B1, positions_B1, attn, top_k)
             torch.cuda.current_stream().wait_stream(side)
             return out
         if self.graph is None:
@@ -134,9 +140,9 @@ class CUDAGraphStep:
                 self._capture(model, tokens_B1, positions_B1, attn, top_k)
             except Exception as err:  # e.g. a backend that synchronises with the host
                 self.failed = f"{type(err).__name__}: {err}"
-                warnings.warn(f"CUDA graph capture of the decode step failed ({self.failed[:300]}); decoding eagerly",
-                              stacklevel=2)
-                return eager_step(model, tokens_B1, positions_B1, attn, top_k)
+                warnings.warn(f"CUDA graph capture of the decode step failed ({self.failed[:300]}); decoding "
+                              f"without it", stacklevel=2)
+                return self.inner(model, tokens_B1, positions_B1, attn, top_k)
         self.tokens.copy_(tokens_B1)
         self.positions.copy_(positions_B1)
         self.attn.slots.copy_(attn.slots)
@@ -149,7 +155,7 @@ class CUDAGraphStep:
         self.attn = type(attn)(attn.cache, attn.slots.clone(), attn.mask.clone())
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.out = eager_step(model, self.tokens, self.positions, self.attn, top_k)
+            self.out = self.inner(model, self.tokens, self.positions, self.attn, top_k)
         self.graph = graph
 
 
@@ -316,6 +322,9 @@ def prune_stale_packages(folder: Path, source: str) -> None:
 
 _compiled = CompiledStep()
 _graphed = CUDAGraphStep()
+# CUDA, compile="jit": inductor fuses the norms, RoPE, cache writes, router and residual adds between the
+# cuBLAS projections and the Triton MoE op (smoe::triton_moe), and the result is captured as one graph
+_graphed_compiled = CUDAGraphStep(CompiledStep(row_linear=False))
 _aot = AOTStep(_compiled)
 
 
@@ -324,7 +333,8 @@ COMPILE_MODES = (False, True, "aot", "jit")
 
 def decode_step(compile: bool | str, device: torch.device | str = "cpu", batch_size: int = 1) -> Step:
     """The step function the generation loop calls once per new token: eager (False), or compiled: on
-    CUDA a replayed CUDA graph; on the CPU, for batches up to CPU_COMPILE_MAX_BATCH (beyond it the compiled
+    CUDA a replayed CUDA graph (of the eager step with True or "aot"; of the torch.compile'd step, fewer
+    kernels per layer, with "jit"); on the CPU, for batches up to CPU_COMPILE_MAX_BATCH (beyond it the compiled
     step measured no faster than eager: benchmarks/decode.py), ahead of time (True or "aot": AOTStep,
     the fastest) or by torch.compile ("jit": nothing written outside torch's own cache)."""
     if compile not in COMPILE_MODES:
@@ -332,7 +342,7 @@ def decode_step(compile: bool | str, device: torch.device | str = "cpu", batch_s
     if not compile:
         return eager_step
     if torch.device(device).type == "cuda":
-        return _graphed
+        return _graphed_compiled if compile == "jit" else _graphed
     if batch_size > CPU_COMPILE_MAX_BATCH:
         return eager_step
     return _compiled if compile == "jit" else _aot

@@ -101,7 +101,8 @@ def stream(model, prompts, params: SamplingParams | None = None, tokenizer: Toke
     """Generate for one prompt or a batch (text or ids), yielding an Event per sequence per step.
 
     compile: compile the decode step: True (or "aot") on the CPU ahead of time with AOTInductor, built
-    once per model shape and kept on disk; "jit": by torch.compile; on CUDA either is a CUDA graph.
+    once per model shape and kept on disk; "jit": by torch.compile; on CUDA either is a CUDA graph (of the
+    eager step with True or "aot", of the torch.compile'd step with "jit").
     Eager if compiling fails (see smoe.generation.compiled).
     """
     params = SamplingParams(**overrides) if params is None else dataclasses.replace(params, **overrides)

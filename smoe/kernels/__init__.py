@@ -7,7 +7,8 @@ Legend: N tokens, K chosen experts per token, E experts, D model dim, H expert h
 
 Backends: `naive` (the reference loop), `grouped` (sorted dispatch + per-expert matmuls, with its own
 backward; the CPU default), `triton` (fused Triton kernels up to 1024 token-slots, the CUDA default,
-registered when Triton is installed; `grouped` for gradients and larger batches). Benchmarks:
+registered when Triton is installed; `grouped` for gradients and larger batches; under torch.compile
+one opaque op, smoe::triton_moe). Benchmarks:
 benchmarks/moe_layer.py, benchmarks/moe_tune.py (the kernels' tilings).
 """
 

@@ -344,19 +344,11 @@ def fused_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3
 _state = {"checked": False, "broken": None}  # first launch on this machine: did the kernels build?
 
 
-def triton_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
-               experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
-    """The `triton` backend: fused kernels for inference up to FUSED_MAX_SLOTS token-slots; the `grouped`
-    path beyond (cuBLAS is faster there), when gradients are needed, under torch.compile, or when the
-    kernels cannot be built on this GPU (warned once)."""
+def _fused_or_grouped(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
+                      experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+    """Inference: the fused kernels up to FUSED_MAX_SLOTS token-slots, else (or if they cannot be built on this
+    GPU, warned once) the grouped path."""
     args = (x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
-    if torch.compiler.is_compiling():  # inside torch.compile: grouped's fixed-shape formulations
-        return grouped_moe(*args)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x_ND, w1_EHD, w2_EDH, w3_EHD, weights_NK)):
-        return grouped_moe(*args)
-    if x_ND.device.type != "cuda" and not INTERPRETED:
-        raise ValueError(f"the triton MoE backend runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1), "
-                         f"got {x_ND.device}; use the 'grouped' backend")
     if x_ND.shape[0] == 0:
         return torch.zeros_like(x_ND)
     if _state["broken"] is not None or experts_NK.numel() > FUSED_MAX_SLOTS:
@@ -372,3 +364,35 @@ def triton_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w
         return grouped_moe(*args)
     _state["checked"] = True
     return out
+
+
+# the same, as one opaque op for torch.compile: inductor fuses the code around it and leaves the kernels
+# (and their host-side layout choice) alone, so a compiled decode step keeps the fused MoE
+@torch.library.custom_op("smoe::triton_moe", mutates_args=())
+def triton_moe_op(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
+                  experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+    """_fused_or_grouped as a torch.library op (inference only: it has no autograd formula)."""
+    return _fused_or_grouped(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
+
+
+@triton_moe_op.register_fake
+def _(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK):
+    return x_ND.new_empty(x_ND.shape)  # contiguous, as every path returns
+
+
+def triton_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
+               experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+    """The `triton` backend: fused kernels for inference up to FUSED_MAX_SLOTS token-slots; the `grouped`
+    path beyond (cuBLAS is faster there), when gradients are needed, or when the kernels cannot be built
+    on this GPU (warned once). Under torch.compile the kernels are one opaque op (smoe::triton_moe)."""
+    args = (x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x_ND, w1_EHD, w2_EDH, w3_EHD, weights_NK)):
+        return grouped_moe(*args)
+    if x_ND.device.type != "cuda" and not INTERPRETED:
+        if torch.compiler.is_compiling():  # e.g. a CPU step compiled with this backend set: grouped's formulations
+            return grouped_moe(*args)
+        raise ValueError(f"the triton MoE backend runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1), "
+                         f"got {x_ND.device}; use the 'grouped' backend")
+    if torch.compiler.is_compiling():
+        return triton_moe_op(*args)
+    return _fused_or_grouped(*args)

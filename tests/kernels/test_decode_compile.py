@@ -116,6 +116,34 @@ def test_cuda_graph_decode_gives_the_eager_tokens():
     assert compiled._graphed.failed is None and compiled._graphed.graph is not None
 
 
+@pytest.mark.timeout(300)
+def test_cuda_compiled_graph_step_gives_the_eager_tokens_on_a_static_cache(monkeypatch):
+    # compile="jit" on CUDA captures the torch.compile'd step (library linears, no RowLinear) over the static
+    # cache; off CUDA the same object runs that compiled step uncaptured, which this checks on the CPU
+    from smoe.generation import loop
+    assert compiled.decode_step("jit", "cuda") is compiled._graphed_compiled
+    assert compiled.decode_step(True, "cuda") is compiled._graphed
+    step = compiled.CUDAGraphStep(compiled.CompiledStep(row_linear=False))
+    monkeypatch.setattr(loop, "decode_step", lambda *args: step)
+    model = tiny_model(seed=11, sliding_window=6)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    eager = generate(model, prompts, max_tokens=10)
+    fast = generate(model, prompts, max_tokens=10, compile="jit")
+    assert [c.tokens for c in fast] == [c.tokens for c in eager]
+    assert step.inner.failed is None and step.graph is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_of_the_compiled_step_gives_the_eager_tokens():
+    model = tiny_model(seed=7).cuda()
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]
+    eager = generate(model, prompts, max_tokens=10)
+    fast = generate(model, prompts, max_tokens=10, compile="jit")
+    assert [c.tokens for c in fast] == [c.tokens for c in eager]
+    step = compiled._graphed_compiled
+    assert step.failed is None and step.inner.failed is None and step.graph is not None
+
+
 def test_single_query_attention_equals_sdpa():
     from smoe.model.attention import attend_one, sdpa
     g = torch.Generator().manual_seed(0)

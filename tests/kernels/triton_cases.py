@@ -148,6 +148,30 @@ def test_backend_in_a_model_matches_grouped():
     assert (out - ref).abs().max() <= 1e-4
 
 
+@pytest.mark.timeout(300)
+def test_compiled_model_keeps_the_fused_kernels_as_one_op():
+    # under torch.compile the triton backend is one opaque op per layer (not grouped's formulations), in one
+    # graph, and the compiled model gives the eager model's logits
+    from torch._inductor.compile_fx import compile_fx
+
+    from tests.conftest import tiny_model
+    model = tiny_model(seed=3).to(DEVICE)
+    model.set_moe_backend("triton")
+    tokens = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    targets = []
+
+    def inductor_noting_ops(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = model(tokens)
+        out = torch.compile(model, backend=inductor_noting_ops, fullgraph=True)(tokens)
+    assert targets.count("smoe.triton_moe.default") == model.config.n_layers
+    assert (out - ref).abs().max() <= 1e-4
+
+
 def test_gradients_go_through_the_grouped_path():
     x, w1, w2, w3, experts, weights = make(13, 16, 24, 4, 2)
     grads = []
