@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from smoe.kernels import native
 from smoe.kernels.linear import linear, mm_into, reduction_input
 
 # token-slots up to which the compiled (gather) formulation is used under torch.compile
@@ -189,6 +190,11 @@ def gathered_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor,
     Eagerly this would copy K expert weights per token; compiled, inductor fuses the indexed loads
     into the fp32-accumulated reductions, so it is a fused gather + matrix-vector product.
     """
+    if native.serves(x_ND, w1_EHD):  # bf16 on the CPU: smoe's own kernel reads the chosen experts' rows
+        a1_NKH = native.expert_gemv(x_ND[:, None], w1_EHD, experts_NK)
+        a3_NKH = native.expert_gemv(x_ND[:, None], w3_EHD, experts_NK)
+        h_NKH = (F.silu(a1_NKH) * a3_NKH * weights_NK[..., None].float()).to(x_ND.dtype)
+        return native.expert_gemv(h_NKH, w2_EDH, experts_NK).sum(1).to(x_ND.dtype)
     x_N11D = reduction_input(x_ND, w1_EHD[0])[:, None, None, :]
     a1_NKH = (w1_EHD[experts_NK] * x_N11D).sum(-1, dtype=torch.float32)
     a3_NKH = (w3_EHD[experts_NK] * x_N11D).sum(-1, dtype=torch.float32)

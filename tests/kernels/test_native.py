@@ -1,0 +1,143 @@
+"""smoe's own bf16 CPU kernels (smoe.kernels.native): against float64, in the linears and the compiled
+decode step that use them, and the fallback to torch's code when they cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smoe import generate
+from smoe.generation import compiled
+from smoe.kernels import linear, native
+from smoe.model.attention import KVCache
+from tests.conftest import tiny_model
+
+needs_native = pytest.mark.skipif(not native.available(), reason="needs an x86 CPU with AVX512-BF16 and a C++ compiler")
+U = 2.0**-8  # bf16 unit roundoff
+F32 = 2.0**-24
+
+
+def _bound(x, w, out_rounding: float) -> torch.Tensor:
+    """|computed - exact| for products summed in fp32 (each product exact), then rounded by out_rounding."""
+    exact = x.double() @ w.double().t()
+    mass = x.double().abs() @ w.double().abs().t()
+    return exact, out_rounding * exact.abs() + x.shape[-1] * F32 * mass * (1 + out_rounding) + 1e-30
+
+
+@needs_native
+@pytest.mark.parametrize("M", [1, 3, 8, 9, 17])
+@pytest.mark.parametrize("I", [32, 100, 256, 1000])
+@pytest.mark.parametrize("O", [1, 37, 300])
+def test_gemv_within_the_fp32_sum_bound_and_one_rounding(M, I, O):
+    g = torch.Generator().manual_seed(M * 1000 + I + O)
+    x, w = torch.randn(M, I, generator=g).bfloat16(), torch.randn(O, I, generator=g).bfloat16()
+    y = native.gemv(x, w)
+    assert y.shape == (M, O) and y.dtype == torch.bfloat16
+    exact, bound = _bound(x, w, U)
+    assert ((y.double() - exact).abs() <= bound).all()
+    # torch's bf16 product rounds the same sum once: at most one bf16 step apart
+    assert ((y.double() - F.linear(x, w).double()).abs() <= 2 * bound).all()
+
+
+@needs_native
+def test_gemv_takes_strided_and_batched_rows():
+    x, w = torch.randn(2, 3, 64).bfloat16(), torch.randn(24, 64).bfloat16()
+    assert torch.equal(native.gemv(x, w), native.gemv(x.reshape(6, 64), w).view(2, 3, 24))
+    xs = torch.randn(5, 128).bfloat16()[:, ::2]  # a non-contiguous view
+    assert torch.equal(native.gemv(xs, w), native.gemv(xs.contiguous(), w))
+
+
+@needs_native
+@pytest.mark.parametrize("shared", [True, False])
+def test_expert_gemv_equals_each_experts_product(shared):
+    g = torch.Generator().manual_seed(3)
+    N, K, E, O, I = 5, 2, 4, 40, 96
+    w = torch.randn(E, O, I, generator=g).bfloat16()
+    experts = torch.randint(0, E, (N, K), generator=g)
+    x = torch.randn(N, 1 if shared else K, I, generator=g).bfloat16()
+    y = native.expert_gemv(x, w, experts)
+    assert y.shape == (N, K, O) and y.dtype == torch.float32
+    for n in range(N):
+        for k in range(K):
+            xk = x[n, 0 if shared else k][None]
+            exact, bound = _bound(xk, w[experts[n, k]], 0.0)
+            assert ((y[n, k].double() - exact[0]).abs() <= bound[0]).all()
+
+
+@needs_native
+def test_bad_inputs_are_named():
+    w = torch.randn(3, 8, 32).bfloat16()
+    with pytest.raises(RuntimeError, match="expert id 3 outside 0..2"):
+        native.expert_gemv(torch.randn(1, 1, 32).bfloat16(), w, torch.tensor([[0, 3]]))
+    with pytest.raises(RuntimeError, match="x must be a bfloat16 CPU tensor"):
+        native.gemv(torch.randn(1, 32), w[0])
+    with pytest.raises(RuntimeError, match=r"x \(M, I\) and w \(O, I\)"):
+        native.gemv(torch.randn(1, 16).bfloat16(), w[0])
+
+
+@needs_native
+def test_linear_takes_the_kernel_for_few_bf16_rows_only():
+    w = torch.randn(300, 64).bfloat16()
+    for M in (1, linear.NATIVE_MAX_ROWS):
+        x = torch.randn(M, 64).bfloat16()
+        assert torch.equal(linear.linear(x, w), native.gemv(x, w))
+        out = torch.empty(M, 300, dtype=torch.bfloat16)
+        assert torch.equal(linear.mm_into(x, w, out), native.gemv(x, w))
+    x = torch.randn(linear.NATIVE_MAX_ROWS + 1, 64).bfloat16()
+    assert torch.equal(linear.linear(x, w), F.linear(x, w))
+    # with a gradient to record, torch's code
+    wg = w.float().requires_grad_()
+    assert linear.linear(torch.randn(1, 64), wg).requires_grad
+
+
+def _forced_logits(model, prompt, tokens, step_fn) -> torch.Tensor:
+    """Logits of each decode step fed the given tokens (eager prefill), so two steps see the same inputs."""
+    cache = KVCache.for_model(model, 1, 32)
+    out = []
+    with torch.inference_mode():
+        pos = torch.arange(len(prompt))[None]
+        model(torch.tensor([prompt]), pos, cache.step(pos))
+        nxt = pos[:, -1:] + 1
+        for t in tokens:
+            out.append(step_fn(model, torch.tensor([[t]]), nxt, cache.step(nxt), None).float())
+            nxt = nxt + 1
+    return torch.cat(out)
+
+
+@needs_native
+@pytest.mark.timeout(600)
+def test_compiled_bf16_decode_calls_the_kernel_and_matches_eager(monkeypatch, tmp_path):
+    # the compiled step's single-row linears and its MoE (gathered experts) run the native ops, in
+    # torch.compile and in the AOT package alike; eager decode uses the same kernel for its few rows.
+    # bf16 activations are rounded at other places than eagerly: logits within a few bf16 steps (1 measured)
+    monkeypatch.setenv("SMOE_CACHE", str(tmp_path))
+    from torch._inductor.utils import run_and_get_code
+    model = tiny_model(seed=5).to(torch.bfloat16)
+    prompt = [3, 17, 42, 9, 100]
+    tokens = generate(model, prompt, max_tokens=10).tokens
+    eager = _forced_logits(model, prompt, tokens, compiled.eager_step)
+    tol = 4 * U * eager.abs().max().item()
+    jit, aot = compiled.CompiledStep(), compiled.AOTStep(compiled.CompiledStep())
+    torch._dynamo.reset()
+    logits, codes = run_and_get_code(_forced_logits, model, prompt, tokens, jit)
+    code = "\n".join(codes)
+    assert "smoe_native.gemv" in code and "smoe_native.expert_gemv" in code and jit.failed is None
+    torch.testing.assert_close(logits, eager, rtol=0, atol=tol)
+    torch.testing.assert_close(_forced_logits(model, prompt, tokens, aot), eager, rtol=0, atol=tol)
+    assert aot.failed is None and len(list(tmp_path.glob("aot/*.pt2"))) == 1
+
+
+def test_unbuildable_kernels_warn_once_and_torch_code_runs(monkeypatch, tmp_path):
+    monkeypatch.setenv("SMOE_CACHE", str(tmp_path))
+    monkeypatch.setitem(native._state, "loaded", None)
+    monkeypatch.setattr(native, "cpu_has_avx512_bf16", lambda: True)
+    monkeypatch.setattr(native, "_build_command", lambda out: ["false"])
+    with pytest.warns(UserWarning, match="bf16 CPU kernels are unavailable"):
+        assert not native.available()
+    assert not native.available() and not list(tmp_path.glob("native/*"))  # tried once, nothing left behind
+    x, w = torch.randn(2, 64).bfloat16(), torch.randn(30, 64).bfloat16()
+    assert torch.equal(linear.linear(x, w), F.linear(x, w))
+    monkeypatch.setitem(native._state, "loaded", None)
+    monkeypatch.setenv("SMOE_NATIVE", "0")
+    assert not native.available()
