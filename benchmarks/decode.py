@@ -20,6 +20,7 @@ and 32-34 GB/s from 2 MiB ones.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smoe import Transformer  # noqa: E402
 from smoe.generation import generate  # noqa: E402
+from smoe.kernels import native  # noqa: E402
 from smoe.kernels.memory import to_huge_pages  # noqa: E402
 from smoe.kernels.timing import bandwidth_probe, median, sync  # noqa: E402
 from smoe.model.config import ModelConfig, get_preset  # noqa: E402
@@ -135,11 +137,13 @@ def bench_model(name: str, cfg: ModelConfig, dtype: torch.dtype, batches: list[i
                         hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                     do_sample=False)
             else:
-                compile_ = {"smoe": False, "smoe-jit": "jit", "smoe-aot": "aot"}[impl]
+                compile_ = {"smoe": False, "smoe-jit": "jit", "smoe-aot": "aot"}[impl.removesuffix("-nonative")]
+                off = native.disabled if impl.endswith("-nonative") else contextlib.nullcontext
 
-                def run(n, compile_=compile_, batch=batch):
-                    generate(model, batch, max_tokens=n, ignore_eos=True, compile=compile_)
-            if impl in ("smoe-jit", "smoe-aot"):  # the first step builds (or loads) the compiled step
+                def run(n, compile_=compile_, batch=batch, off=off):
+                    with off():
+                        generate(model, batch, max_tokens=n, ignore_eos=True, compile=compile_)
+            if impl.startswith(("smoe-jit", "smoe-aot")):  # the first step builds (or loads) the compiled step
                 row.setdefault("compile_s", {})[impl] = timed(lambda run=run: run(2), device)
             runs[impl] = run
         for impl, samples in decode_seconds(runs, args.short, args.long, args.repeat, device, probe_round).items():
@@ -185,9 +189,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--impls", nargs="+", default=["smoe", "smoe-jit", "smoe-aot", "transformers"],
-                   choices=["smoe", "smoe-jit", "smoe-aot", "transformers"],
+                   choices=["smoe", "smoe-jit", "smoe-aot", "transformers", "smoe-nonative", "smoe-jit-nonative",
+                            "smoe-aot-nonative"],
                    help="smoe: eager; smoe-jit: compile='jit' (torch.compile; on CUDA captured as a CUDA graph); "
-                        "smoe-aot: compile=True (AOTInductor on the CPU; on CUDA the CUDA graph of the eager step)")
+                        "smoe-aot: compile=True (AOTInductor on the CPU; on CUDA the CUDA graph of the eager step); "
+                        "-nonative: the same without smoe's bf16 CPU kernels (as SMOE_NATIVE=0)")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--short", type=int, default=8, help="tokens of the short generation")
     p.add_argument("--long", type=int, default=40, help="tokens of the long generation")

@@ -10,12 +10,14 @@ build warns once) and callers keep their torch code.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import platform
 import subprocess
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -94,6 +96,17 @@ def available() -> bool:
                 warnings.warn(f"smoe's bf16 CPU kernels are unavailable ({type(err).__name__}: {str(err)[:500]}); "
                               f"using torch's code", stacklevel=2)
     return bool(_state["loaded"])
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within this block callers use torch's code, as with SMOE_NATIVE=0 (for side-by-side benchmarks)."""
+    before = _state["loaded"]
+    _state["loaded"] = False
+    try:
+        yield
+    finally:
+        _state["loaded"] = before
 
 
 def used_for(dtype: torch.dtype) -> bool:

@@ -86,6 +86,9 @@ def test_linear_takes_the_kernel_for_few_bf16_rows_only():
         assert torch.equal(linear.mm_into(x, w, out), native.gemv(x, w))
     x = torch.randn(linear.NATIVE_MAX_ROWS + 1, 64).bfloat16()
     assert torch.equal(linear.linear(x, w), F.linear(x, w))
+    with native.disabled():  # as SMOE_NATIVE=0, for side-by-side benchmarks
+        assert torch.equal(linear.linear(x[:1], w), F.linear(x[:1], w))
+    assert native.available()
     # with a gradient to record, torch's code
     wg = w.float().requires_grad_()
     assert linear.linear(torch.randn(1, 64), wg).requires_grad
