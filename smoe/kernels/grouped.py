@@ -23,6 +23,10 @@ from smoe.kernels.linear import linear, mm_into, reduction_input
 
 # token-slots up to which the compiled (gather) formulation is used under torch.compile
 COMPILED_GATHER_MAX_SLOTS = 32
+# bf16 inference on the CPU with at most this many token-slots runs through smoe's kernel (native_moe), which
+# reads each touched expert once per 8 of its slots: 4 per expert on average here, against the library's
+# per-expert products on sorted rows
+NATIVE_MAX_SLOTS = 32
 # token-slots up to which the routing is sorted in Python rather than with tensor ops
 PYTHON_SORT_MAX_SLOTS = 64
 # fp32 inference on the CPU with at least this many token-slots runs expert by expert (gather, SwiGLU,
@@ -183,6 +187,16 @@ class GroupedMoE(torch.autograd.Function):
         return d_x, d_w1, d_w2, d_w3, d_weights, None
 
 
+def native_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
+               experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+    """bf16 inference on the CPU by smoe's kernel (smoe.kernels.native), eager or compiled: each touched
+    expert's weights are read once for all its token-slots, with no sort, gather or scatter."""
+    a1_NKH = native.expert_gemv(x_ND[:, None], w1_EHD, experts_NK)  # float32
+    a3_NKH = native.expert_gemv(x_ND[:, None], w3_EHD, experts_NK)
+    h_NKH = (F.silu(a1_NKH) * a3_NKH * weights_NK[..., None].float()).to(x_ND.dtype)
+    return native.expert_gemv(h_NKH, w2_EDH, experts_NK).sum(1).to(x_ND.dtype)
+
+
 def gathered_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
                  experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
     """Each token-slot reads its expert's rows through indexing: a fixed-shape graph for torch.compile.
@@ -190,11 +204,8 @@ def gathered_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor,
     Eagerly this would copy K expert weights per token; compiled, inductor fuses the indexed loads
     into the fp32-accumulated reductions, so it is a fused gather + matrix-vector product.
     """
-    if native.serves(x_ND, w1_EHD):  # bf16 on the CPU: smoe's own kernel reads the chosen experts' rows
-        a1_NKH = native.expert_gemv(x_ND[:, None], w1_EHD, experts_NK)
-        a3_NKH = native.expert_gemv(x_ND[:, None], w3_EHD, experts_NK)
-        h_NKH = (F.silu(a1_NKH) * a3_NKH * weights_NK[..., None].float()).to(x_ND.dtype)
-        return native.expert_gemv(h_NKH, w2_EDH, experts_NK).sum(1).to(x_ND.dtype)
+    if native.serves(x_ND, w1_EHD):
+        return native_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
     x_N11D = reduction_input(x_ND, w1_EHD[0])[:, None, None, :]
     a1_NKH = (w1_EHD[experts_NK] * x_N11D).sum(-1, dtype=torch.float32)
     a3_NKH = (w3_EHD[experts_NK] * x_N11D).sum(-1, dtype=torch.float32)
@@ -230,6 +241,8 @@ def grouped_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, 
     tensors = (x_ND, w1_EHD, w2_EDH, w3_EHD, weights_NK)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return GroupedMoE.apply(x_ND, w1_EHD, w2_EDH, w3_EHD, weights_NK, experts_NK)
+    if experts_NK.numel() <= NATIVE_MAX_SLOTS and native.serves(x_ND, w1_EHD):
+        return native_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
     token_S, order_S, counts = sort_by_expert(experts_NK, w1_EHD.shape[0])
     w_S = weights_NK.reshape(-1)[order_S].to(x_ND.dtype)
     return _forward(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segments(counts), keep=False)[0]

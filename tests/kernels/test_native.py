@@ -144,3 +144,25 @@ def test_unbuildable_kernels_warn_once_and_torch_code_runs(monkeypatch, tmp_path
     monkeypatch.setitem(native._state, "loaded", None)
     monkeypatch.setenv("SMOE_NATIVE", "0")
     assert not native.available()
+
+
+@needs_native
+@pytest.mark.parametrize("N,skew", [(1, False), (7, False), (16, True)])
+def test_grouped_bf16_inference_takes_the_kernel_within_naive_error(N, skew):
+    # few token-slots of bf16 inference: grouped_moe is native_moe (each touched expert read once for its
+    # slots, 8 at a time; skew: one expert takes all 32 slots), within the bf16 bound of the naive loop
+    from smoe.kernels import grouped as G
+    from smoe.kernels.naive import naive_moe
+    g = torch.Generator().manual_seed(N)
+    D, H, E, K = 64, 96, 8, 2
+    x = torch.randn(N, D, generator=g).bfloat16()
+    w1, w3 = (torch.randn(E, H, D, generator=g).bfloat16() * 0.2 for _ in range(2))
+    w2 = torch.randn(E, D, H, generator=g).bfloat16() * 0.2
+    experts = torch.zeros(N, K, dtype=torch.long) if skew else torch.rand(N, E, generator=g).topk(K, -1).indices
+    weights = torch.softmax(torch.randn(N, K, generator=g), -1).bfloat16()
+    args = (x, w1, w2, w3, experts, weights)
+    y = G.grouped_moe(*args)
+    assert torch.equal(y, G.native_moe(*args))
+    ref = naive_moe(*(t.double() for t in (x, w1, w2, w3)), experts, weights.double())
+    naive_err = (naive_moe(*args).double() - ref).abs().max()
+    assert (y.double() - ref).abs().max() <= 2 * naive_err + U * ref.abs().max()
