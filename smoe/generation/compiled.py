@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from smoe.kernels import native
-from smoe.kernels.linear import reduction_input
+from smoe.kernels.linear import NATIVE_MAX_ROWS, reduction_input
 from smoe.model.attention import KVCache, _WriteThenAttend
 
 log = logging.getLogger("smoe.generation")
@@ -36,7 +36,9 @@ log = logging.getLogger("smoe.generation")
 # linears with at most this many rows become reductions inside the compiled step
 GEMV_MAX_ROWS = 1
 # on the CPU, batches up to this size decode through a compiled step (single-row reductions); larger ones
-# eagerly (AOT at batch 8 measured 453 tok/s against 611 eager for the small fp32 model: per-slot gathers)
+# eagerly (AOT at batch 8 measured 453 tok/s against 611 eager for the small fp32 model: per-slot gathers).
+# bf16 with smoe's kernel, whose ops take up to NATIVE_MAX_ROWS rows: up to that batch (at batch 8, AOT
+# 2083 vs eager 1237 tok/s for the small model, 115 vs 94 for the large one)
 CPU_COMPILE_MAX_BATCH = 1
 # a static (CUDA graph) cache length is rounded up to a multiple of this, so similar prompts share a graph
 STATIC_LEN_MULTIPLE = 256
@@ -54,11 +56,12 @@ class RowLinear(TorchFunctionMode):
         if func is F.linear:
             x, w = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if x.numel() // max(x.shape[-1], 1) <= GEMV_MAX_ROWS:
-                if native.serves(x, w):
-                    y = native.gemv(x, w)
-                else:
-                    y = (reduction_input(x, w)[..., None, :] * w).sum(-1, dtype=torch.float32).to(x.dtype)
+            rows = x.numel() // max(x.shape[-1], 1)
+            if rows <= NATIVE_MAX_ROWS and native.serves(x, w):
+                y = native.gemv(x, w)
+                return y if bias is None else y + bias
+            if rows <= GEMV_MAX_ROWS:
+                y = (reduction_input(x, w)[..., None, :] * w).sum(-1, dtype=torch.float32).to(x.dtype)
                 return y if bias is None else y + bias
         return func(*args, **kwargs)
 
@@ -338,19 +341,22 @@ _aot = AOTStep(_compiled)
 COMPILE_MODES = (False, True, "aot", "jit")
 
 
-def decode_step(compile: bool | str, device: torch.device | str = "cpu", batch_size: int = 1) -> Step:
+def decode_step(compile: bool | str, device: torch.device | str = "cpu", batch_size: int = 1,
+                dtype: torch.dtype | None = None) -> Step:
     """The step function the generation loop calls once per new token: eager (False), or compiled: on
     CUDA a replayed CUDA graph (of the eager step with True or "aot"; of the torch.compile'd step, fewer
-    kernels per layer, with "jit"); on the CPU, for batches up to CPU_COMPILE_MAX_BATCH (beyond it the compiled
-    step measured no faster than eager: benchmarks/decode.py), ahead of time (True or "aot": AOTStep,
-    the fastest) or by torch.compile ("jit": nothing written outside torch's own cache)."""
+    kernels per layer, with "jit"); on the CPU, for batches up to CPU_COMPILE_MAX_BATCH, or NATIVE_MAX_ROWS for
+    a dtype smoe's kernel serves (beyond, the compiled step measured no faster than eager: benchmarks/decode.py),
+    ahead of time (True or "aot": AOTStep, the fastest) or by torch.compile ("jit": nothing written outside
+    torch's own cache)."""
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
     if not compile:
         return eager_step
     if torch.device(device).type == "cuda":
         return _graphed_compiled if compile == "jit" else _graphed
-    if batch_size > CPU_COMPILE_MAX_BATCH:
+    most = NATIVE_MAX_ROWS if dtype is not None and native.used_for(dtype) else CPU_COMPILE_MAX_BATCH
+    if batch_size > most:
         return eager_step
     return _compiled if compile == "jit" else _aot
 

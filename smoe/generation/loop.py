@@ -128,7 +128,7 @@ def stream(model, prompts, params: SamplingParams | None = None, tokenizer: Toke
     tokens, valid, positions = tokens.to(device), valid.to(device), positions.to(device)
     all_valid = bool(valid.all())
 
-    step_fn = decode_step(compile, device, B)
+    step_fn = decode_step(compile, device, B, model.dtype)
     if getattr(step_fn, "static_cache", False):  # CUDA graphs: a whole-buffer cache shared by similar prompts
         cache = KVCache.for_model(model, B, static_len(T + max_new, cfg.max_seq_len), static=True)
     else:

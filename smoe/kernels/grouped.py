@@ -235,8 +235,9 @@ def grouped_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, 
         return torch.zeros_like(x_ND)
     if torch.compiler.is_compiling() and experts_NK.numel() <= COMPILED_GATHER_MAX_SLOTS:
         # fixed-shape formulations (no host sync, no graph break): per-slot gathers while the slots are
-        # fewer than the experts, else every expert once
-        fn = gathered_moe if experts_NK.numel() < w1_EHD.shape[0] else all_experts_moe
+        # fewer than the experts, else every expert once (in bf16 with smoe's kernel: native_moe)
+        few = experts_NK.numel() < w1_EHD.shape[0] or native.serves(x_ND, w1_EHD)
+        fn = gathered_moe if few else all_experts_moe
         return fn(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
     tensors = (x_ND, w1_EHD, w2_EDH, w3_EHD, weights_NK)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):

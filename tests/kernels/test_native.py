@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smoe import generate
 from smoe.generation import compiled
 from smoe.kernels import linear, native
 from smoe.model.attention import KVCache
@@ -94,41 +93,54 @@ def test_linear_takes_the_kernel_for_few_bf16_rows_only():
     assert linear.linear(torch.randn(1, 64), wg).requires_grad
 
 
-def _forced_logits(model, prompt, tokens, step_fn) -> torch.Tensor:
-    """Logits of each decode step fed the given tokens (eager prefill), so two steps see the same inputs."""
-    cache = KVCache.for_model(model, 1, 32)
+def _forced_logits(model, prompts: torch.Tensor, tokens: torch.Tensor, step_fn) -> torch.Tensor:
+    """Logits (steps, B, V) of decode steps fed tokens (steps, B) after an eager prefill of prompts (B, T),
+    so two step functions see the same inputs."""
+    cache = KVCache.for_model(model, prompts.shape[0], 32)
     out = []
     with torch.inference_mode():
-        pos = torch.arange(len(prompt))[None]
-        model(torch.tensor([prompt]), pos, cache.step(pos))
+        pos = torch.arange(prompts.shape[1]).expand_as(prompts)
+        model(prompts, pos, cache.step(pos))
         nxt = pos[:, -1:] + 1
         for t in tokens:
-            out.append(step_fn(model, torch.tensor([[t]]), nxt, cache.step(nxt), None).float())
+            out.append(step_fn(model, t[:, None], nxt, cache.step(nxt), None).float())
             nxt = nxt + 1
-    return torch.cat(out)
+    return torch.stack(out)
 
 
 @needs_native
 @pytest.mark.timeout(600)
-def test_compiled_bf16_decode_calls_the_kernel_and_matches_eager(monkeypatch, tmp_path):
-    # the compiled step's single-row linears and its MoE (gathered experts) run the native ops, in
-    # torch.compile and in the AOT package alike; eager decode uses the same kernel for its few rows.
-    # bf16 activations are rounded at other places than eagerly: logits within a few bf16 steps (1 measured)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compiled_bf16_decode_calls_the_kernel_and_matches_eager(monkeypatch, tmp_path, batch):
+    # the compiled step's linears of up to 8 rows and its MoE run the native ops, in torch.compile and in
+    # the AOT package alike; eager decode uses the same kernel for its few rows. bf16 activations are
+    # rounded at other places than eagerly: logits within a few bf16 steps (1 measured)
     monkeypatch.setenv("SMOE_CACHE", str(tmp_path))
     from torch._inductor.utils import run_and_get_code
     model = tiny_model(seed=5).to(torch.bfloat16)
-    prompt = [3, 17, 42, 9, 100]
-    tokens = generate(model, prompt, max_tokens=10).tokens
-    eager = _forced_logits(model, prompt, tokens, compiled.eager_step)
+    g = torch.Generator().manual_seed(batch)
+    prompts, tokens = torch.randint(0, 128, (batch, 5), generator=g), torch.randint(0, 128, (10, batch), generator=g)
+    eager = _forced_logits(model, prompts, tokens, compiled.eager_step)
     tol = 4 * U * eager.abs().max().item()
     jit, aot = compiled.CompiledStep(), compiled.AOTStep(compiled.CompiledStep())
     torch._dynamo.reset()
-    logits, codes = run_and_get_code(_forced_logits, model, prompt, tokens, jit)
+    logits, codes = run_and_get_code(_forced_logits, model, prompts, tokens, jit)
     code = "\n".join(codes)
     assert "smoe_native.gemv" in code and "smoe_native.expert_gemv" in code and jit.failed is None
     torch.testing.assert_close(logits, eager, rtol=0, atol=tol)
-    torch.testing.assert_close(_forced_logits(model, prompt, tokens, aot), eager, rtol=0, atol=tol)
+    torch.testing.assert_close(_forced_logits(model, prompts, tokens, aot), eager, rtol=0, atol=tol)
     assert aot.failed is None and len(list(tmp_path.glob("aot/*.pt2"))) == 1
+
+
+@needs_native
+def test_bf16_batches_up_to_the_kernels_rows_decode_compiled():
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert compiled.decode_step(True, "cpu", linear.NATIVE_MAX_ROWS, bf16) is compiled._aot
+    assert compiled.decode_step("jit", "cpu", 2, bf16) is compiled._compiled
+    assert compiled.decode_step(True, "cpu", linear.NATIVE_MAX_ROWS + 1, bf16) is compiled.eager_step
+    assert compiled.decode_step(True, "cpu", 2, f32) is compiled.eager_step
+    with native.disabled():
+        assert compiled.decode_step(True, "cpu", 2, bf16) is compiled.eager_step
 
 
 def test_unbuildable_kernels_warn_once_and_torch_code_runs(monkeypatch, tmp_path):
