@@ -47,9 +47,8 @@ Step = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, object, int | None
 
 
 class RowLinear(TorchFunctionMode):
-    """F.linear on at most GEMV_MAX_ROWS rows as a multiply-and-sum accumulated in fp32 (for inductor), or
-    in bf16 by smoe's native kernel where it is loaded (smoe.kernels.native: 1.4-1.6x the small model's
-    bf16 tokens/s)."""
+    """F.linear on at most GEMV_MAX_ROWS rows as a multiply-and-sum accumulated in fp32 (for inductor); in
+    bf16, on up to NATIVE_MAX_ROWS rows, smoe's kernel where it is loaded (smoe.kernels.native)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -204,8 +204,6 @@ def gathered_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor,
     Eagerly this would copy K expert weights per token; compiled, inductor fuses the indexed loads
     into the fp32-accumulated reductions, so it is a fused gather + matrix-vector product.
     """
-    if native.serves(x_ND, w1_EHD):
-        return native_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
     x_N11D = reduction_input(x_ND, w1_EHD[0])[:, None, None, :]
     a1_NKH = (w1_EHD[experts_NK] * x_N11D).sum(-1, dtype=torch.float32)
     a3_NKH = (w3_EHD[experts_NK] * x_N11D).sum(-1, dtype=torch.float32)
@@ -233,17 +231,17 @@ def grouped_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, 
     """Gather tokens once in expert order, run each active expert's rows as one matmul, scatter-add back."""
     if x_ND.shape[0] == 0:
         return torch.zeros_like(x_ND)
+    tensors = (x_ND, w1_EHD, w2_EDH, w3_EHD, weights_NK)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if not grad and experts_NK.numel() <= NATIVE_MAX_SLOTS and native.serves(x_ND, w1_EHD):
+        return native_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)  # eager or compiled
     if torch.compiler.is_compiling() and experts_NK.numel() <= COMPILED_GATHER_MAX_SLOTS:
         # fixed-shape formulations (no host sync, no graph break): per-slot gathers while the slots are
-        # fewer than the experts, else every expert once (in bf16 with smoe's kernel: native_moe)
-        few = experts_NK.numel() < w1_EHD.shape[0] or native.serves(x_ND, w1_EHD)
-        fn = gathered_moe if few else all_experts_moe
+        # fewer than the experts, else every expert once
+        fn = gathered_moe if experts_NK.numel() < w1_EHD.shape[0] else all_experts_moe
         return fn(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
-    tensors = (x_ND, w1_EHD, w2_EDH, w3_EHD, weights_NK)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if grad:
         return GroupedMoE.apply(x_ND, w1_EHD, w2_EDH, w3_EHD, weights_NK, experts_NK)
-    if experts_NK.numel() <= NATIVE_MAX_SLOTS and native.serves(x_ND, w1_EHD):
-        return native_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
     token_S, order_S, counts = sort_by_expert(experts_NK, w1_EHD.shape[0])
     w_S = weights_NK.reshape(-1)[order_S].to(x_ND.dtype)
     return _forward(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segments(counts), keep=False)[0]
