@@ -1,6 +1,9 @@
 """The decode step of the generation loop: eager, or compiled (on the CPU ahead of time by AOTInductor,
 or by torch.compile; on CUDA a replayed CUDA graph of the eager or the torch.compile'd step).
 
+Every step has the same signature (Step): tokens, positions and the KV cache in, StepOut (logits, the
+greedy pick where the step made it, next positions) out.
+
 Compiled on the CPU, one step (B new tokens into the KV cache) is a single graph whose only dynamic
 sizes are the cache's length S and the n filled slots it attends over (so attention costs the
 filled part, not the whole buffer, and one graph serves every prompt and cache length): MoE
@@ -22,14 +25,16 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from smoe.generation.sampling import argmax
 from smoe.kernels import native
 from smoe.kernels.linear import NATIVE_MAX_ROWS, reduction_input
-from smoe.model.attention import KVCache, _WriteThenAttend
+from smoe.model.attention import KVCache, _WriteThenAttend, visible
 
 log = logging.getLogger("smoe.generation")
 
@@ -43,7 +48,23 @@ CPU_COMPILE_MAX_BATCH = 1
 # a static (CUDA graph) cache length is rounded up to a multiple of this, so similar prompts share a graph
 STATIC_LEN_MULTIPLE = 256
 
-Step = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, object, int | None], torch.Tensor]
+
+
+class StepOut(NamedTuple):
+    """What a decode step returns: the logits of the new position (B, V); the greedy pick (B,) where the
+    step computed it (the AOT step does, inside its graph, with the logits still in cache), else None;
+    the next step's positions (B, 1)."""
+
+    logits: torch.Tensor
+    greedy: torch.Tensor | None
+    positions: torch.Tensor
+
+
+# a decode step: (model, tokens (B,), positions (B, 1), KV cache, MoE top_k) -> StepOut; it appends one
+# column to the cache
+Step = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, KVCache, int | None], StepOut]
+# the model part of a step: (model, tokens (B, 1), positions (B, 1), attention from KVCache.step, top_k) -> logits
+Forward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, object, int | None], torch.Tensor]
 
 
 class RowLinear(TorchFunctionMode):
@@ -65,9 +86,21 @@ class RowLinear(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def eager_step(model, tokens_B1: torch.Tensor, positions_B1: torch.Tensor, attn, top_k: int | None) -> torch.Tensor:
+def eager_forward(model, tokens_B1: torch.Tensor, positions_B1: torch.Tensor, attn, top_k: int | None) -> torch.Tensor:
     """Logits (B, V) of the last position."""
     return model(tokens_B1, positions_B1, attn, top_k=top_k)[:, -1]
+
+
+def _through_cache(forward: Forward, model, tokens_B: torch.Tensor, positions_B1: torch.Tensor, cache: KVCache,
+                   top_k: int | None) -> StepOut:
+    logits = forward(model, tokens_B[:, None], positions_B1, cache.step(positions_B1), top_k)
+    return StepOut(logits, None, positions_B1 + 1)
+
+
+def eager_step(model, tokens_B: torch.Tensor, positions_B1: torch.Tensor, cache: KVCache, top_k: int | None
+               ) -> StepOut:
+    """One decode step, eagerly."""
+    return _through_cache(eager_forward, model, tokens_B, positions_B1, cache, top_k)
 
 
 def _traced_step(model, tokens_B1, positions_B1, attn, top_k):
@@ -84,7 +117,7 @@ class CompiledStep:
     static_cache = False
 
     def __init__(self, row_linear: bool = True):
-        self.fn = torch.compile(_traced_step if row_linear else eager_step, dynamic=False)
+        self.fn = torch.compile(_traced_step if row_linear else eager_forward, dynamic=False)
         self.failed: str | None = None
         self.cache_ref: Callable[[], object] | None = None  # the cache whose K/V sizes are marked (weakly)
 
@@ -98,7 +131,8 @@ class CompiledStep:
                 for t in (*attn.cache.k, *attn.cache.v):
                     torch._dynamo.maybe_mark_dynamic(t, 2)
 
-    def __call__(self, model, tokens_B1, positions_B1, attn, top_k):
+    def forward(self, model, tokens_B1, positions_B1, attn, top_k) -> torch.Tensor:
+        """The compiled Forward (eager if compiling failed)."""
         if self.failed is None:
             try:
                 native.used_for(model.dtype)  # built and loaded before tracing, which cannot build it
@@ -108,7 +142,10 @@ class CompiledStep:
                 self.failed = f"{type(err).__name__}: {err}"
                 warnings.warn(f"torch.compile of the decode step failed ({self.failed[:300]}); decoding eagerly",
                               stacklevel=2)
-        return eager_step(model, tokens_B1, positions_B1, attn, top_k)
+        return eager_forward(model, tokens_B1, positions_B1, attn, top_k)
+
+    def __call__(self, model, tokens_B, positions_B1, cache, top_k) -> StepOut:
+        return _through_cache(self.forward, model, tokens_B, positions_B1, cache, top_k)
 
 
 class CUDAGraphStep:
@@ -124,13 +161,17 @@ class CUDAGraphStep:
 
     static_cache = True
 
-    def __init__(self, inner: Step = eager_step):
+    def __init__(self, inner: Forward = eager_forward):
         self.inner = inner
         self.key = None
         self.graph = None
         self.failed: str | None = None
 
-    def __call__(self, model, tokens_B1, positions_B1, attn, top_k):
+    def __call__(self, model, tokens_B, positions_B1, cache, top_k) -> StepOut:
+        return _through_cache(self.forward, model, tokens_B, positions_B1, cache, top_k)
+
+    def forward(self, model, tokens_B1, positions_B1, attn, top_k) -> torch.Tensor:
+        """`inner`, replayed from the graph where it can be."""
         cache = getattr(attn, "cache", None)
         if (self.failed is not None or tokens_B1.device.type != "cuda" or cache is None or not cache.static
                 or not hasattr(attn, "slots")):
@@ -169,30 +210,43 @@ class CUDAGraphStep:
 
 
 class _StepModule(torch.nn.Module):
-    """The decode step as a module for torch.export: the KV cache tensors are inputs, written in place."""
+    """The whole decode step as a module for torch.export, the cache's bookkeeping included, so that the
+    loop around it runs no tensor op per token but reading the pick (each one costs tens of us here
+    after the step has streamed the weights through the caches): it records the new column's positions
+    in the cache's slot_pos, masks from them (attention.visible, as KVCache.step), writes K/V in place,
+    and returns the logits, their argmax and the next positions."""
 
     def __init__(self, model: torch.nn.Module, top_k: int | None):
         super().__init__()
         self.model, self.top_k = model, top_k
 
-    def forward(self, tokens_B1, positions_B1, slots, mask, ks: list[torch.Tensor], vs: list[torch.Tensor]):
+    def forward(self, tokens_B, positions_B1, slot_1, slots_n, slot_pos_BS, ks: list[torch.Tensor],
+                vs: list[torch.Tensor]):
+        # slot_1: the new column's slot; slots_n: the first n slot numbers, the ones attended over (n is
+        # a dynamic size); slot_pos_BS (B, S) and the K/V tensors (B, Hkv, S + 1, hd) are the cache's
+        n = slots_n.shape[0]
         for t in (*ks, *vs):  # the cache's spare column: fewer slots attended than the buffer has
-            torch._check(mask.shape[-1] < t.shape[2])
-        attn = _WriteThenAttend(SimpleNamespace(k=ks, v=vs), slots, mask)
-        return _traced_step(self.model, tokens_B1, positions_B1, attn, self.top_k)
+            torch._check(n < t.shape[2])
+        slot_pos_BS.index_copy_(1, slot_1, positions_B1)
+        mask = visible(slot_pos_BS[:, None, :n], positions_B1[:, :, None], self.model.config.sliding_window)
+        attn = _WriteThenAttend(SimpleNamespace(k=ks, v=vs), slot_1, mask[:, None])
+        logits = _traced_step(self.model, tokens_B[:, None], positions_B1, attn, self.top_k)
+        return logits, argmax(logits), positions_B1 + 1  # the chunked argmax: 12 vs 21 us for 32000 bf16 logits
 
     def example(self, batch_size: int, cache_k: torch.Tensor) -> tuple[tuple, tuple]:
-        """Example inputs for export (a short cache, half filled) and their dynamic sizes: the cache
-        length S of every K/V tensor and the attended length n of the mask."""
+        """Example inputs for export (a short cache, half filled) and their dynamic sizes: the cache's
+        slots S (its K/V tensors have S + 1) and the attended length n."""
         L, limit = self.model.config.n_layers, self.model.config.max_seq_len
         B, Hkv, hd = batch_size, cache_k.shape[1], cache_k.shape[3]
-        S = min(64, limit)
+        S = min(63, limit)
         n = max(2, S // 2)
-        kv = [torch.zeros(B, Hkv, S, hd, dtype=cache_k.dtype) for _ in range(2 * L)]
-        inputs = (torch.zeros(B, 1, dtype=torch.long), torch.full((B, 1), n - 1), torch.tensor([n - 1]),
-                  torch.ones(B, 1, 1, n, dtype=torch.bool), kv[:L], kv[L:])
-        S_dim, n_dim = torch.export.Dim("S", min=3, max=limit + 1), torch.export.Dim("n", min=2, max=limit)
-        return inputs, (None, None, None, {3: n_dim}, [{2: S_dim}] * L, [{2: S_dim}] * L)
+        kv = [torch.zeros(B, Hkv, S + 1, hd, dtype=cache_k.dtype) for _ in range(2 * L)]
+        slot_pos = torch.full((B, S), -1)
+        slot_pos[:, :n - 1] = torch.arange(n - 1)
+        inputs = (torch.zeros(B, dtype=torch.long), torch.full((B, 1), n - 1), torch.tensor([n - 1]),
+                  torch.arange(n), slot_pos, kv[:L], kv[L:])
+        S_dim, n_dim = torch.export.Dim("slots", min=2, max=limit), torch.export.Dim("n", min=2, max=limit)
+        return inputs, (None, None, None, {0: n_dim}, {1: S_dim}, [{2: S_dim + 1}] * L, [{2: S_dim + 1}] * L)
 
 
 def _source_hash() -> str:
@@ -221,7 +275,9 @@ class AOTStep:
     One package per model config, dtype, batch and top_k (any cache length: it is a dynamic size), built
     once (tens of seconds) and kept on disk (aot_cache_dir()). Its weights are the model's live
     parameters, not copies: if they are replaced (not updated in place) the step sees it at the next
-    generation and rebinds. Falls back to CompiledStep (warned once) if export or compilation fails.
+    generation and rebinds. The graph also does the cache's bookkeeping and the greedy pick (_StepModule),
+    so a token costs the loop one call and no tensor op of its own. Falls back to CompiledStep (warned
+    once) if export or compilation fails.
     """
 
     static_cache = False
@@ -229,7 +285,7 @@ class AOTStep:
     def __init__(self, fallback: CompiledStep):
         self.fallback = fallback
         self.runners: dict[tuple, tuple[object, dict[str, torch.Tensor]]] = {}
-        self.cache_ref: Callable[[], object] | None = None  # the current generation's KV cache (weakly)
+        self.current: tuple | None = None  # this generation's cache and model (weakly), top_k and runner key
         self.failed: str | None = None
 
     def prepare(self, model, batch_size: int, cache, top_k: int | None) -> None:
@@ -241,16 +297,19 @@ class AOTStep:
             except Exception as err:
                 self._fail(err)
 
-    def __call__(self, model, tokens_B1, positions_B1, attn, top_k):
-        cache = getattr(attn, "cache", None)
-        if self.failed is None and isinstance(attn, _WriteThenAttend) and tokens_B1.is_cpu:
+    def __call__(self, model, tokens_B, positions_B1, cache, top_k) -> StepOut:
+        if self.failed is None and isinstance(cache, KVCache) and tokens_B.is_cpu:
+            slot, n = cache.column()
             try:
-                run = self._runner(model, tokens_B1, attn, top_k)
+                run = self._runner(model, tokens_B.shape[0], cache, top_k)
                 # the loader's own entry point: the model's call would flatten and unflatten pytrees
-                return run([tokens_B1, positions_B1, attn.slots, attn.mask, *cache.k, *cache.v])[0]
+                logits, greedy, positions = run([tokens_B, positions_B1, cache.index[slot:slot + 1],
+                                                 cache.index[:n], cache.slot_pos, *cache.k, *cache.v])
+                cache.length += 1
+                return StepOut(logits, greedy, positions)
             except Exception as err:  # export or AOT compile unsupported here: keep generating
                 self._fail(err)
-        return self.fallback(model, tokens_B1, positions_B1, attn, top_k)
+        return self.fallback(model, tokens_B, positions_B1, cache, top_k)
 
     def _fail(self, err: Exception) -> None:
         self.failed = f"{type(err).__name__}: {err}"
@@ -274,18 +333,20 @@ class AOTStep:
             weakref.finalize(model, self.runners.pop, key, None)  # drop the runner and its weights with the model
         return key
 
-    def _runner(self, model, tokens_B1, attn, top_k):
-        key = self._load(model, tokens_B1.shape[0], attn.cache.k[0], top_k)
+    def _runner(self, model, batch_size: int, cache: KVCache, top_k):
+        current = self.current  # the next token of the same generation: nothing to look up again
+        if current is not None and current[0]() is cache and current[1]() is model and current[2] == top_k:
+            return self.runners[current[3]][0].loader.boxed_run
+        key = self._load(model, batch_size, cache.k[0], top_k)
         runner, bound = self.runners[key]
-        if not bound or self.cache_ref is None or self.cache_ref() is not attn.cache:  # a new generation (not id())
-            self.cache_ref = weakref.ref(attn.cache)
-            # (re)bind the live weights if any tensor was replaced since the last generation
-            live = {**dict(model.named_parameters(prefix="model")), **dict(model.named_buffers(prefix="model"))}
-            want = {k: live[k].detach() for k in runner.get_constant_fqns()}
-            if want.keys() != bound.keys() or any(want[k].data_ptr() != bound[k].data_ptr() for k in want):
-                runner.load_constants(want, check_full_update=True, user_managed=True)
-                bound.clear()
-                bound.update(want)  # views that keep the memory the runner reads alive (even if p.data is swapped)
+        # a new generation (a new cache, not id()): (re)bind the live weights if any tensor was replaced
+        live = {**dict(model.named_parameters(prefix="model")), **dict(model.named_buffers(prefix="model"))}
+        want = {k: live[k].detach() for k in runner.get_constant_fqns()}
+        if want.keys() != bound.keys() or any(want[k].data_ptr() != bound[k].data_ptr() for k in want):
+            runner.load_constants(want, check_full_update=True, user_managed=True)
+            bound.clear()
+            bound.update(want)  # views that keep the memory the runner reads alive (even if p.data is swapped)
+        self.current = (weakref.ref(cache), weakref.ref(model), top_k, key)
         return runner.loader.boxed_run
 
     @staticmethod
@@ -333,7 +394,7 @@ _compiled = CompiledStep()
 _graphed = CUDAGraphStep()
 # CUDA, compile="jit": inductor fuses the norms, RoPE, cache writes, router and residual adds between the
 # cuBLAS projections and the Triton MoE op (smoe::triton_moe), and the result is captured as one graph
-_graphed_compiled = CUDAGraphStep(CompiledStep(row_linear=False))
+_graphed_compiled = CUDAGraphStep(CompiledStep(row_linear=False).forward)
 _aot = AOTStep(_compiled)
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from smoe.generation.compiled import decode_step, static_len
+from smoe.generation.compiled import StepOut, decode_step, static_len
 from smoe.generation.sampling import SamplingParams, make_generator, sample
 from smoe.model.attention import KVCache
 from smoe.tokenizer import IncrementalDecoder, Tokenizer
@@ -140,20 +140,19 @@ def stream(model, prompts, params: SamplingParams | None = None, tokenizer: Toke
     done = [False] * B
     logits = model(tokens, positions, cache.step(positions, None if all_valid else valid),
                    top_k=params.moe_top_k, last_only=True)[:, -1]
-    next_pos = positions[:, -1:] + 1
+    out = StepOut(logits, None, positions[:, -1:] + 1)
     for step in range(max_new):
-        new = sample(logits, [params] * B, gens)
-        for b in range(B):
+        new = sample(out.logits, [params] * B, gens, out.greedy)
+        for b, tok in enumerate(new.tolist()):
             if done[b]:
                 continue
-            tok = int(new[b])
             text, finish = checkers[b].feed(tok, stop_ids, last=step == max_new - 1)
             done[b] = finish is not None
             yield Event(b, tok, text, finish)
         if all(done):
             return
-        logits = step_fn(model, new[:, None].to(device), next_pos, cache.step(next_pos), params.moe_top_k)
-        next_pos = next_pos + 1
+        out = step_fn(model, new if new.device == device else new.to(device), out.positions, cache,
+                      params.moe_top_k)
 
 
 def generate(model, prompts, params: SamplingParams | None = None, tokenizer: Tokenizer | None = None,

@@ -81,12 +81,15 @@ def argmax(x_BV: torch.Tensor) -> torch.Tensor:
     return chunk_B * ARGMAX_CHUNK + x_BCK[torch.arange(B), chunk_B].argmax(-1)
 
 
-def sample(logits_BV: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-           ) -> torch.Tensor:
+def sample(logits_BV: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           greedy_B: torch.Tensor | None = None) -> torch.Tensor:
     """Next token of each row: argmax where temperature is 0, else a draw from the filtered softmax
-    using that row's own generator (so a seeded request repeats whatever else is in the batch)."""
+    using that row's own generator (so a seeded request repeats whatever else is in the batch).
+    greedy_B: the rows' argmax where the caller has it already (a compiled decode step computes it)."""
+    if greedy_B is not None and all(p.temperature == 0 for p in params):
+        return greedy_B
     logits_BV = logits_BV.float()
-    out = argmax(logits_BV)
+    out = argmax(logits_BV) if greedy_B is None else greedy_B.clone()
     for b, p in enumerate(params):
         if p.temperature == 0:
             continue

@@ -75,6 +75,13 @@ class SelfAttention:
         return sdpa(q, k, v, self._mask)
 
 
+def visible(k_pos: torch.Tensor, q_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Which cached keys a query sees, from their positions (-1: an empty or padding slot): earlier or its
+    own, and within the sliding window if there is one. k_pos (B, 1, n), q_pos (B, T, 1) -> (B, T, n)."""
+    m = (k_pos >= 0) & (k_pos <= q_pos)
+    return m if window is None else m & (q_pos - k_pos < window)
+
+
 class KVCache:
     """Static K/V buffers for B sequences decoded in lock-step (left-padded), one column per step.
 
@@ -98,12 +105,21 @@ class KVCache:
         self.v = [huge_zeros(shape, dtype, device) for _ in range(n_layers)]
         self.slot_pos = torch.full((batch_size, self.size), -1, dtype=torch.long, device=device)
         self.length = 0  # columns appended so far
+        self.index = torch.arange(self.size + 1, device=device)  # slot numbers, sliced into a compiled step's inputs
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int, static: bool = False) -> KVCache:
         cfg = model.config
         return cls(cfg.n_layers, batch_size, cfg.n_kv_heads, cfg.head_dim, max_len, cfg.sliding_window,
                    model.dtype, model.device, static)
+
+    def column(self) -> tuple[int, int]:
+        """Where one more column goes: its slot, and how many slots (from the first) its query attends over.
+        Appends nothing (see step; a compiled step that writes the column itself then adds 1 to length)."""
+        c0, S = self.length, self.size
+        if self.window is None and c0 + 1 > S:
+            raise ValueError(f"KV cache holds {S} tokens; {c0} used, 1 more asked for")
+        return c0 % S, (S if self.static else min(c0 + 1, S))  # empty slots (position -1) are masked out
 
     def step(self, positions: torch.Tensor, valid: torch.Tensor | None = None) -> Attend:
         """The attention for appending T columns at positions (B, T); valid (B, T) marks real tokens."""
@@ -121,10 +137,7 @@ class KVCache:
             slots = cols % S
             self.slot_pos[:, slots] = new_pos
             n = S if self.static else min(c0 + T, S)  # empty slots (position -1) are masked out
-            k_pos = self.slot_pos[:, None, :n]  # (B, 1, n)
-            m = (k_pos >= 0) & (k_pos <= q_pos)
-            if self.window is not None:
-                m = m & (q_pos - k_pos < self.window)
+            m = visible(self.slot_pos[:, None, :n], q_pos, self.window)
             if valid is not None:  # a padding query sees its own slot, so no row is empty (real ones do already)
                 m = m | (slots[:, None] == torch.arange(n, device=device))[None]
             return _WriteThenAttend(self, slots, m[:, None])

@@ -123,14 +123,14 @@ def test_cuda_compiled_graph_step_gives_the_eager_tokens_on_a_static_cache(monke
     from smoe.generation import loop
     assert compiled.decode_step("jit", "cuda") is compiled._graphed_compiled
     assert compiled.decode_step(True, "cuda") is compiled._graphed
-    step = compiled.CUDAGraphStep(compiled.CompiledStep(row_linear=False))
+    step = compiled.CUDAGraphStep(compiled.CompiledStep(row_linear=False).forward)
     monkeypatch.setattr(loop, "decode_step", lambda *args: step)
     model = tiny_model(seed=11, sliding_window=6)
     prompts = [[5, 6, 7, 8], [9, 10]]
     eager = generate(model, prompts, max_tokens=10)
     fast = generate(model, prompts, max_tokens=10, compile="jit")
     assert [c.tokens for c in fast] == [c.tokens for c in eager]
-    assert step.inner.failed is None and step.graph is None
+    assert step.inner.__self__.failed is None and step.graph is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -141,7 +141,7 @@ def test_cuda_graph_of_the_compiled_step_gives_the_eager_tokens():
     fast = generate(model, prompts, max_tokens=10, compile="jit")
     assert [c.tokens for c in fast] == [c.tokens for c in eager]
     step = compiled._graphed_compiled
-    assert step.failed is None and step.inner.failed is None and step.graph is not None
+    assert step.failed is None and step.inner.__self__.failed is None and step.graph is not None
 
 
 def test_single_query_attention_equals_sdpa():
@@ -179,9 +179,11 @@ def _greedy_logits(model, prompt, steps, step_fn, length=32, static=True):
         nxt = pos[:, -1:] + 1
         for _ in range(steps):
             out.append(logits)
-            tok = logits.argmax(-1, keepdim=True)
-            logits = step_fn(model, tok, nxt, cache.step(nxt), None)
-            nxt = nxt + 1
+            step = step_fn(model, logits.argmax(-1), nxt, cache, None)
+            if step.greedy is not None:  # the AOT step picks inside its graph: the same as torch.argmax
+                assert torch.equal(step.greedy, step.logits.argmax(-1))
+            logits, nxt = step.logits, step.positions
+    assert cache.length == len(prompt) + steps
     return torch.cat(out)
 
 
@@ -230,6 +232,24 @@ def test_aot_decode_equals_eager_and_follows_replaced_weights(monkeypatch, tmp_p
     assert not (tmp_path / "unused").exists()
     with pytest.raises(ValueError, match="compile must be"):
         compiled.decode_step("fast")
+
+
+@pytest.mark.timeout(600)
+def test_aot_step_keeps_the_cache_bookkeeping_past_a_sliding_window(monkeypatch, tmp_path):
+    # the AOT graph records positions and masks itself (the loop runs no KVCache.step): past a rolling
+    # buffer of 5 slots it overwrites the oldest and attends over all of them, as the eager step does
+    monkeypatch.setenv("SMOE_CACHE", str(tmp_path))
+    step = compiled.AOTStep(compiled.CompiledStep())
+    monkeypatch.setattr(compiled, "_aot", step)
+    model = tiny_model(seed=9, sliding_window=5)
+    prompt = [3, 17, 42]
+    torch.testing.assert_close(_greedy_logits(model, prompt, 12, step, 32, False),
+                               _greedy_logits(model, prompt, 12, compiled.eager_step, 32, False), rtol=1e-5, atol=1e-5)
+    assert generate(model, prompt, max_tokens=12, compile=True).tokens == generate(model, prompt, max_tokens=12).tokens
+    assert step.failed is None
+    # sampling still draws from the step's logits (the graph's greedy pick is only used at temperature 0)
+    hot = {"max_tokens": 8, "temperature": 1.0, "seed": 3}
+    assert generate(model, prompt, compile=True, **hot).tokens == generate(model, prompt, **hot).tokens
 
 
 def test_aot_failure_falls_back_to_torch_compile(monkeypatch, tmp_path):

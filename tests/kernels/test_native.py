@@ -102,18 +102,21 @@ def test_linear_takes_the_kernel_for_few_bf16_rows_only():
     assert linear.linear(torch.randn(1, 64), wg).requires_grad
 
 
-def _forced_logits(model, prompts: torch.Tensor, tokens: torch.Tensor, step_fn) -> torch.Tensor:
+def _forced_logits(model, prompts: torch.Tensor, tokens: torch.Tensor, step_fn, pad: int = 0) -> torch.Tensor:
     """Logits (steps, B, V) of decode steps fed tokens (steps, B) after an eager prefill of prompts (B, T),
-    so two step functions see the same inputs."""
+    so two step functions see the same inputs; the last row left-padded by `pad` columns."""
     cache = KVCache.for_model(model, prompts.shape[0], 32)
     out = []
     with torch.inference_mode():
-        pos = torch.arange(prompts.shape[1]).expand_as(prompts)
-        model(prompts, pos, cache.step(pos))
+        valid = torch.ones(prompts.shape, dtype=torch.bool)
+        valid[-1, :pad] = False
+        pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+        model(prompts, pos, cache.step(pos, valid if pad else None))
         nxt = pos[:, -1:] + 1
         for t in tokens:
-            out.append(step_fn(model, t[:, None], nxt, cache.step(nxt), None).float())
-            nxt = nxt + 1
+            step = step_fn(model, t, nxt, cache, None)
+            out.append(step.logits.float())
+            nxt = step.positions
     return torch.stack(out)
 
 
@@ -123,21 +126,23 @@ def _forced_logits(model, prompts: torch.Tensor, tokens: torch.Tensor, step_fn) 
 def test_compiled_bf16_decode_calls_the_kernel_and_matches_eager(monkeypatch, tmp_path, batch):
     # the compiled step's linears of up to 8 rows and its MoE run the native ops, in torch.compile and in
     # the AOT package alike; eager decode uses the same kernel for its few rows. bf16 activations are
-    # rounded at other places than eagerly: logits within a few bf16 steps (1 measured)
+    # rounded at other places than eagerly: logits within a few bf16 steps (1 measured). The batch's
+    # last prompt is left-padded: its padding slots stay masked in every step
     monkeypatch.setenv("SMOE_CACHE", str(tmp_path))
     from torch._inductor.utils import run_and_get_code
     model = tiny_model(seed=5).to(torch.bfloat16)
     g = torch.Generator().manual_seed(batch)
     prompts, tokens = torch.randint(0, 128, (batch, 5), generator=g), torch.randint(0, 128, (10, batch), generator=g)
-    eager = _forced_logits(model, prompts, tokens, compiled.eager_step)
+    pad = 2 if batch > 1 else 0
+    eager = _forced_logits(model, prompts, tokens, compiled.eager_step, pad)
     tol = 4 * U * eager.abs().max().item()
     jit, aot = compiled.CompiledStep(), compiled.AOTStep(compiled.CompiledStep())
     torch._dynamo.reset()
-    logits, codes = run_and_get_code(_forced_logits, model, prompts, tokens, jit)
+    logits, codes = run_and_get_code(_forced_logits, model, prompts, tokens, jit, pad)
     code = "\n".join(codes)
     assert "smoe_native.gemv" in code and "smoe_native.expert_gemv" in code and jit.failed is None
     torch.testing.assert_close(logits, eager, rtol=0, atol=tol)
-    torch.testing.assert_close(_forced_logits(model, prompts, tokens, aot), eager, rtol=0, atol=tol)
+    torch.testing.assert_close(_forced_logits(model, prompts, tokens, aot, pad), eager, rtol=0, atol=tol)
     assert aot.failed is None and len(list(tmp_path.glob("aot/*.pt2"))) == 1
 
 
