@@ -3,6 +3,8 @@ decode step that use them, and the fallback to torch's code when they cannot be 
 
 from __future__ import annotations
 
+import unittest.mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -173,10 +175,11 @@ def test_unbuildable_kernels_warn_once_and_torch_code_runs(monkeypatch, tmp_path
 
 
 @needs_native
-@pytest.mark.parametrize("N,skew", [(1, False), (7, False), (16, True)])
+@pytest.mark.parametrize("N,skew", [(1, False), (7, False), (16, True), (32, False)])
 def test_grouped_bf16_inference_takes_the_kernel_within_naive_error(N, skew):
-    # few token-slots of bf16 inference: grouped_moe is native_moe (each touched expert read once for its
-    # slots, 8 at a time; skew: one expert takes all 32 slots), within the bf16 bound of the naive loop
+    # few token-slots of bf16 inference (up to 8 per expert on average): grouped_moe is native_moe (each
+    # touched expert read once per 8 of its slots; skew: one expert takes all 32 slots), within the bf16
+    # bound of the naive loop; beyond, the sorted per-expert products
     from smoe.kernels import grouped as G
     from smoe.kernels.naive import naive_moe
     g = torch.Generator().manual_seed(N)
@@ -189,6 +192,10 @@ def test_grouped_bf16_inference_takes_the_kernel_within_naive_error(N, skew):
     args = (x, w1, w2, w3, experts, weights)
     y = G.grouped_moe(*args)
     assert torch.equal(y, G.native_moe(*args))
+    if N == 32:  # 64 slots of 8 experts: the limit; one token more and the library's products run
+        more = (torch.cat([x, x[:1]]), w1, w2, w3, torch.cat([experts, experts[:1]]), torch.cat([weights, weights[:1]]))
+        with unittest.mock.patch.object(G, "native_moe", side_effect=AssertionError("not past the limit")):
+            G.grouped_moe(*more)
     ref = naive_moe(*(t.double() for t in (x, w1, w2, w3)), experts, weights.double())
     naive_err = (naive_moe(*args).double() - ref).abs().max()
     assert (y.double() - ref).abs().max() <= 2 * naive_err + U * ref.abs().max()
