@@ -87,8 +87,22 @@ def route(x_ND: torch.Tensor, gate_weight_ED: torch.Tensor, top_k: int
         if out is not None:
             return out
     logits_NE = F.linear(x_ND.float(), gate_weight_ED.float())
-    top_logits_NK, experts_NK = torch.topk(logits_NE, top_k, dim=-1)
+    top_logits_NK, experts_NK = _top_k(logits_NE, top_k)
     return torch.softmax(top_logits_NK, dim=-1), experts_NK, logits_NE
+
+
+def _top_k(logits_NE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk over the experts; in a compiled graph as k max-reductions, which inductor fuses with the
+    router (its topk is a library call: 5-50 us per layer in a CPU decode step, its code being cold)."""
+    if not torch.compiler.is_compiling():
+        return torch.topk(logits_NE, k, dim=-1)
+    values, indices = [], []
+    for _ in range(k):
+        v_N1, i_N1 = logits_NE.max(-1, keepdim=True)  # the first of equal maxima
+        values.append(v_N1)
+        indices.append(i_N1)
+        logits_NE = logits_NE.scatter(-1, i_N1, float("-inf"))
+    return torch.cat(values, -1), torch.cat(indices, -1)
 
 
 def drop_over_capacity(experts_NK: torch.Tensor, weights_NK: torch.Tensor, n_experts: int, capacity_factor: float

@@ -286,3 +286,14 @@ def test_stale_packages_are_pruned(tmp_path):
     compiled.prune_stale_packages(tmp_path, "a" * 16)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "notes.txt", "step-aaaaaaaa-1.pt2", "step-aaaaaaaa-5.456.pt2", "step-bbbbbbbb-3.pt2"]
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_compiled_router_picks_what_topk_picks(k):
+    # under compile the router's top-k is k fused max-reductions (no library topk call in the step)
+    from smoe.model.transformer import route
+    g = torch.Generator().manual_seed(k)
+    x, w = torch.randn(5, 16, generator=g), torch.randn(8, 16, generator=g)
+    got = torch.compile(route, fullgraph=True)(x, w, k)
+    for a, b in zip(got, route(x, w, k)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
