@@ -85,3 +85,18 @@ def test_linear_benchmark_runs(tmp_path, capsys):
     assert "F.linear/smoe" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert [r["rows"] for r in data["rows"]] == [1, 3] and max(r["max_abs_diff"] for r in data["rows"]) < 1e-4
+
+
+@pytest.mark.timeout(300)
+def test_decode_ab_benchmark_runs(tmp_path, capsys):
+    # this checkout against itself (HEAD): two workers, alternating rounds, a worktree made and removed
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    out = tmp_path / "ab.json"
+    res = load("decode_ab").main(["--base", "HEAD", "--model", "tiny", "--layers", "1", "--dtype", "float32",
+                                  "--compile", "none", "--rounds", "2", "--short", "2", "--long", "4",
+                                  "--out", str(out)])
+    assert "base/this per round" in capsys.readouterr().out
+    assert json.loads(out.read_text())["median_ms"] == res["median_ms"] and len(res["seconds_per_token"]["this"]) == 2
+    worktrees = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
+    assert "smoe-ab-" not in worktrees
