@@ -49,7 +49,6 @@ CPU_COMPILE_MAX_BATCH = 1
 STATIC_LEN_MULTIPLE = 256
 
 
-
 class StepOut(NamedTuple):
     """What a decode step returns: the logits of the new position (B, V); the greedy pick (B,) where the
     step computed it (the AOT step does, inside its graph, with the logits still in cache), else None;
@@ -298,7 +297,9 @@ class AOTStep:
                 self._fail(err)
 
     def __call__(self, model, tokens_B, positions_B1, cache, top_k) -> StepOut:
-        if self.failed is None and isinstance(cache, KVCache) and tokens_B.is_cpu:
+        # the graph masks with the model's sliding window, as KVCache.for_model makes the cache
+        if (self.failed is None and isinstance(cache, KVCache) and tokens_B.is_cpu
+                and cache.window == model.config.sliding_window):
             slot, n = cache.column()
             try:
                 run = self._runner(model, tokens_B.shape[0], cache, top_k)
