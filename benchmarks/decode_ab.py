@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def worker(args: argparse.Namespace) -> None:
     """One side: build the model once, then time a decode for every line read from stdin."""
-    sys.path.insert(0, args.root)
+    sys.path.insert(0, args.root)  # smoe from root, ahead of the editable install and this script's folder
     sys.path.insert(1, str(Path(args.root) / "benchmarks"))
     import torch
     from decode import model_config, random_model
@@ -84,10 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
     flags += [f"--layers={args.layers}"] if args.layers else []
     procs = {}
     try:
-        for name, root in sides.items():
-            env = dict(os.environ, PYTHONPATH=root)  # before the editable install's path
+        for name, root in sides.items():  # the worker puts root first on sys.path (worker())
             procs[name] = subprocess.Popen([sys.executable, __file__, "--base", args.base, "--worker", root, *flags],
-                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             for line in procs[name].stdout:
                 if line.strip() == "ready":
                     break
