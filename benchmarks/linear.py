@@ -41,10 +41,15 @@ def candidates(x: torch.Tensor, ws: list[torch.Tensor]) -> dict:
            "(w@x.T).T": lambda: torch.mm(nxt(), x.t()).t().contiguous(),
            "pair": lambda: torch.mm(nxt(), torch.cat([x, x]).t())[:, : x.shape[0]].t().contiguous(),
            "smoe": lambda: L.linear(x, nxt())}
-    if L.ONEDNN:
+    if L.ONEDNN and x.dtype == torch.float32:  # smoe takes it for fp32 only (bf16 fails without AVX512-BF16)
         fns["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, nxt(), None, "none", [], "")
-    if x.dtype == torch.bfloat16 and native.available():
+    if native.available():
         fns["native"] = lambda: native.gemv(x, nxt())
+
+        def without_native():
+            with native.disabled():
+                return L.linear(x, nxt())
+        fns["smoe-nonative"] = without_native
     return fns
 
 

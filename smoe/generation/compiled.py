@@ -33,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 from smoe.generation.sampling import argmax
 from smoe.kernels import native
-from smoe.kernels.linear import NATIVE_MAX_ROWS, reduction_input
+from smoe.kernels.linear import reduction_input
 from smoe.model.attention import KVCache, _WriteThenAttend, visible
 
 log = logging.getLogger("smoe.generation")
@@ -42,9 +42,10 @@ log = logging.getLogger("smoe.generation")
 GEMV_MAX_ROWS = 1
 # on the CPU, batches up to this size decode through a compiled step (single-row reductions); larger ones
 # eagerly (AOT at batch 8 measured 453 tok/s against 611 eager for the small fp32 model: per-slot gathers).
-# bf16 with smoe's kernel, whose ops take up to NATIVE_MAX_ROWS rows: up to that batch (at batch 8, AOT
-# 2083 vs eager 1237 tok/s for the small model, 115 vs 94 for the large one)
 CPU_COMPILE_MAX_BATCH = 1
+# dtypes smoe's kernels serve (native.max_rows rows): batches up to this size, at most those rows (bf16 on a
+# Zen 4, batch 8: AOT 2083 vs eager 1237 tok/s for the small model, 115 vs 94 for the large one)
+NATIVE_COMPILE_MAX_BATCH = 8
 # a static (CUDA graph) cache length is rounded up to a multiple of this, so similar prompts share a graph
 STATIC_LEN_MULTIPLE = 256
 
@@ -67,8 +68,8 @@ Forward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, object, int | N
 
 
 class RowLinear(TorchFunctionMode):
-    """F.linear on at most GEMV_MAX_ROWS rows as a multiply-and-sum accumulated in fp32 (for inductor); in
-    bf16, on up to NATIVE_MAX_ROWS rows, smoe's kernel where it is loaded (smoe.kernels.native)."""
+    """F.linear on up to native.max_rows rows by smoe's kernel where it serves the dtype (smoe.kernels.native);
+    else on at most GEMV_MAX_ROWS rows as a multiply-and-sum accumulated in fp32 (for inductor)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -76,7 +77,7 @@ class RowLinear(TorchFunctionMode):
             x, w = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             rows = x.numel() // max(x.shape[-1], 1)
-            if rows <= NATIVE_MAX_ROWS and native.serves(x, w):
+            if rows <= native.max_rows(x.dtype) and native.serves(x, w):
                 y = native.gemv(x, w)
                 return y if bias is None else y + bias
             if rows <= GEMV_MAX_ROWS:
@@ -406,8 +407,8 @@ def decode_step(compile: bool | str, device: torch.device | str = "cpu", batch_s
                 dtype: torch.dtype | None = None) -> Step:
     """The step function the generation loop calls once per new token: eager (False), or compiled: on
     CUDA a replayed CUDA graph (of the eager step with True or "aot"; of the torch.compile'd step, fewer
-    kernels per layer, with "jit"); on the CPU, for batches up to CPU_COMPILE_MAX_BATCH, or NATIVE_MAX_ROWS for
-    a dtype smoe's kernel serves (beyond, the compiled step measured no faster than eager: benchmarks/decode.py),
+    kernels per layer, with "jit"); on the CPU, for batches up to CPU_COMPILE_MAX_BATCH, or NATIVE_COMPILE_MAX_BATCH
+    for a dtype smoe's kernel serves (beyond, the compiled step measured no faster than eager: benchmarks/decode.py),
     ahead of time (True or "aot": AOTStep, the fastest) or by torch.compile ("jit": nothing written outside
     torch's own cache)."""
     if compile not in COMPILE_MODES:
@@ -416,7 +417,9 @@ def decode_step(compile: bool | str, device: torch.device | str = "cpu", batch_s
         return eager_step
     if torch.device(device).type == "cuda":
         return _graphed_compiled if compile == "jit" else _graphed
-    most = NATIVE_MAX_ROWS if dtype is not None and native.used_for(dtype) else CPU_COMPILE_MAX_BATCH
+    most = CPU_COMPILE_MAX_BATCH
+    if dtype is not None and native.used_for(dtype):
+        most = min(NATIVE_COMPILE_MAX_BATCH, native.max_rows(dtype))
     if batch_size > most:
         return eager_step
     return _compiled if compile == "jit" else _aot

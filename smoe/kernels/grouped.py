@@ -23,11 +23,6 @@ from smoe.kernels.linear import linear, mm_into, reduction_input
 
 # token-slots up to which the compiled (gather) formulation is used under torch.compile
 COMPILED_GATHER_MAX_SLOTS = 32
-# bf16 inference on the CPU with at most this many token-slots per expert on average runs through smoe's
-# kernel (native_moe), which reads each touched expert once per NATIVE_MAX_ROWS of its slots, against the
-# library's per-expert products on sorted rows. At 8 per expert (64 slots of 8 experts) it measured 1.30x
-# faster (medium preset's experts) and equal (dim 1024, H 3584); at 16 per expert 1.31x and 0.68x
-NATIVE_MAX_SLOTS_PER_EXPERT = 8
 # token-slots up to which the routing is sorted in Python rather than with tensor ops
 PYTHON_SORT_MAX_SLOTS = 64
 # fp32 inference on the CPU with at least this many token-slots runs expert by expert (gather, SwiGLU,
@@ -190,8 +185,8 @@ class GroupedMoE(torch.autograd.Function):
 
 def native_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
                experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
-    """bf16 inference on the CPU by smoe's kernel (smoe.kernels.native), eager or compiled: each touched
-    expert's weights are read once for all its token-slots, with no sort, gather or scatter."""
+    """Inference on the CPU by smoe's kernel (smoe.kernels.native), eager or compiled: each touched expert's
+    weights are read once for all its token-slots, with no sort, gather or scatter."""
     a1_NKH = native.expert_gemv(x_ND[:, None], w1_EHD, experts_NK)  # float32
     a3_NKH = native.expert_gemv(x_ND[:, None], w3_EHD, experts_NK)
     h_NKH = (F.silu(a1_NKH) * a3_NKH * weights_NK[..., None].float()).to(x_ND.dtype)
@@ -234,7 +229,11 @@ def grouped_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, 
         return torch.zeros_like(x_ND)
     tensors = (x_ND, w1_EHD, w2_EDH, w3_EHD, weights_NK)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if (not grad and experts_NK.numel() <= NATIVE_MAX_SLOTS_PER_EXPERT * w1_EHD.shape[0]
+    # inference with at most native.max_rows token-slots per expert on average: smoe's kernel reads each touched
+    # expert once per pass of its slots, with no sort, gather or scatter (against the library's per-expert
+    # products on sorted rows, bf16 on a Zen 4 at 8 per expert: 1.30x faster for the medium preset's experts,
+    # equal for dim 1024, H 3584; at 16 per expert 1.31x and 0.68x)
+    if (not grad and experts_NK.numel() <= native.max_rows(x_ND.dtype) * w1_EHD.shape[0]
             and native.serves(x_ND, w1_EHD)):
         return native_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)  # eager or compiled
     if torch.compiler.is_compiling() and experts_NK.numel() <= COMPILED_GATHER_MAX_SLOTS:

@@ -12,9 +12,10 @@ two-column product for those shapes (32000 x 256: 4.3 vs 2.4 ms; 1536 x 512: 319
 Taken only where no gradient is recorded (inference, the forward of the grouped MoE's autograd
 Function) and not under torch.compile; other dtypes and devices take F.linear unchanged.
 
-bf16 on a CPU with AVX512-BF16: up to NATIVE_MAX_ROWS rows go through smoe's own kernel
-(smoe.kernels.native), which reads the weight once for all rows at 2-3x the rate of torch's bf16 path
-here (1 thread, 1-2 rows: 15-23 vs 7-8 GB/s over 0.5-66 MB weights; 8 rows: 11-13 vs 6-8).
+Where smoe's own kernels load (smoe.kernels.native: x86-64 with AVX2 or AVX-512), products of up to
+native.max_rows(dtype) rows go through them instead: they read the weight once for all rows (AVX512-BF16,
+bf16, 1-2 rows: 15-23 vs 7-8 GB/s for torch's bf16 path over 0.5-66 MB weights; AVX2, fp32, 2-8 rows:
+1.3-2.8x less time than the paths above for the small preset's shapes).
 """
 
 from __future__ import annotations
@@ -33,9 +34,6 @@ PAIR_MIN_OUT, PAIR_MAX_IN = 256, 768
 # narrower weights of at least ONEDNN_MIN_WEIGHT elements from ONEDNN_ROWS_MIN rows (fewer rows or smaller
 # weights measured alike or mixed)
 WIDE_MIN_OUT, WIDE_ROWS_MAX, ONEDNN_ROWS_MIN, ONEDNN_MIN_WEIGHT = 8192, 512, 32, 1 << 18
-# bf16 products of at most this many rows by smoe's AVX512-BF16 kernel (benchmarks/linear.py: faster than
-# torch's bf16 path up to 8 rows for 256-3584 wide weights, alike at 16, slower at 32)
-NATIVE_MAX_ROWS = 8
 
 
 def _onednn_linear_works() -> bool:
@@ -79,7 +77,7 @@ def _onednn_rows(M: int, w_OI: torch.Tensor) -> bool:
 
 
 def _native_rows(M: int, x: torch.Tensor, w_OI: torch.Tensor) -> bool:
-    return 1 <= M <= NATIVE_MAX_ROWS and not torch.compiler.is_compiling() and native.serves(x, w_OI)
+    return not torch.compiler.is_compiling() and 1 <= M <= native.max_rows(x.dtype) and native.serves(x, w_OI)
 
 
 def mm_into(x_MI: torch.Tensor, w_OI: torch.Tensor, out_MO: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,13 @@
-"""smoe's own CPU kernels (csrc/gemv_bf16.cpp): bf16 matrix-vector products with AVX512-BF16.
+"""smoe's own CPU kernels (csrc/gemv.cpp): bf16 and fp32 matrix-vector products for x86-64.
 
-Built on first use with the C++ compiler torch.compile already needs (about 10 s, once per source and
-torch version, kept beside the AOT steps in $SMOE_CACHE/native), then loaded as the torch ops
-smoe_native::gemv and smoe_native::expert_gemv, which torch.compile and AOTInductor call like any op.
-Used for bf16 decode on the CPU (smoe.kernels.linear, the compiled step's single-row linears and its MoE).
-Where the CPU lacks AVX512-BF16, no compiler works, or SMOE_NATIVE=0, `available()` is False (a failed
-build warns once) and callers keep their torch code.
+Built on first use with the C++ compiler torch.compile already needs (about 15 s, once per source, torch
+version and instruction set, kept beside the AOT steps in $SMOE_CACHE/native), for the CPU's instruction
+set: "avx512" (AVX-512 with BF16 dot products: Zen 4, Sapphire Rapids and later) or "avx2" (AVX2 and FMA:
+x86-64 CPUs since 2013-2015). Loaded as the torch ops smoe_native::gemv and smoe_native::expert_gemv,
+which torch.compile and AOTInductor call like any op. Used for decode on the CPU, in the dtypes of
+`DTYPES` (smoe.kernels.linear, the compiled step's single-row linears and its MoE). Where the CPU has
+neither instruction set, no compiler works, or SMOE_NATIVE=0, `available()` is False (a failed build
+warns once) and callers keep their torch code.
 """
 
 from __future__ import annotations
@@ -24,32 +26,41 @@ import torch
 
 log = logging.getLogger("smoe.kernels")
 
-SOURCE = Path(__file__).with_name("csrc") / "gemv_bf16.cpp"
-ISA_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
-_state: dict[str, object] = {"loaded": None}  # None: not tried yet; then True or False
+SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
+# instruction set -> (the /proc/cpuinfo flags it needs, the compiler's flags), best first
+ISAS = {"avx512": ({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"},
+                   ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]),
+        "avx2": ({"avx2", "fma"}, ["-mavx2", "-mfma"])}
+# products of up to this many rows of x go through the kernels, by instruction set and dtype: where they
+# measured faster than torch's paths (benchmarks/linear.py, 1 thread, weights from memory). avx512, Zen 4:
+# bf16 1.6-2.9x at 1-2 rows, 0.87-1.74x at 8, alike at 16-32 (fp32 not measured there: torch's code).
+# avx2, Zen 3: fp32 1.0-1.7x at 1-8 rows, 1.0-1.3x at 16, 0.9-1.1x at 32; bf16 (torch's bf16 products
+# without AVX512-BF16 are slow at every size) 1.1-5x at 1-8 rows, 4-7x at 16-256
+MAX_ROWS = {"avx512": {torch.bfloat16: 8}, "avx2": {torch.float32: 16, torch.bfloat16: 64}}
+_state: dict[str, object] = {"loaded": None, "isa": None}  # loaded None: not tried yet; then True or False
 
 
-def cpu_has_avx512_bf16() -> bool:
-    """Whether this (Linux, x86) CPU executes AVX512-BF16 instructions, from /proc/cpuinfo's flags."""
+def cpu_isa() -> str | None:
+    """The best instruction set of ISAS this (Linux, x86-64) CPU executes, from /proc/cpuinfo's flags."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
+        return None
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
-                    return {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= flags
+                    return next((isa for isa, (needs, _) in ISAS.items() if needs <= flags), None)
     except OSError:
         pass
-    return False
+    return None
 
 
-def _build_command(out: Path) -> list[str]:
+def _build_command(out: Path, isa: str) -> list[str]:
     from torch.utils import cpp_extension
     cxx = os.environ.get("CXX", "g++")
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     libdirs = [arg for p in cpp_extension.library_paths() for arg in (f"-L{p}", f"-Wl,-rpath,{p}")]
-    return [cxx, "-O3", "-shared", "-fPIC", "-std=c++20", "-fopenmp", *ISA_FLAGS,
+    return [cxx, "-O3", "-shared", "-fPIC", "-std=c++20", "-fopenmp", *ISAS[isa][1],
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *includes, str(SOURCE),
             "-o", str(out), *libdirs, "-lc10", "-ltorch_cpu", "-ltorch", "-lgomp"]
 
@@ -61,18 +72,18 @@ def cache_root() -> Path:
     return Path(base)
 
 
-def library_path() -> Path:
-    """Where the built library is kept: named by the hash of its source, build command and torch version."""
+def library_path(isa: str) -> Path:
+    """Where the built library is kept: named by the hash of its source, build flags and torch version."""
     h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(" ".join([torch.__version__, *ISA_FLAGS]).encode())
-    return cache_root() / "native" / f"gemv_bf16-{h.hexdigest()[:16]}.so"
+    h.update(" ".join([torch.__version__, *ISAS[isa][1]]).encode())
+    return cache_root() / "native" / f"gemv-{isa}-{h.hexdigest()[:16]}.so"
 
 
-def _build(path: Path) -> None:
+def _build(path: Path, isa: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.so")
-    log.info("building smoe's bf16 CPU kernels (once) into %s", path.parent)
-    run = subprocess.run(_build_command(tmp), capture_output=True, text=True, timeout=600)
+    log.info("building smoe's CPU kernels for %s (once) into %s", isa, path.parent)
+    run = subprocess.run(_build_command(tmp, isa), capture_output=True, text=True, timeout=600)
     if run.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"compiling {SOURCE.name} failed:\n{run.stderr[-2000:]}")
@@ -81,19 +92,20 @@ def _build(path: Path) -> None:
 
 def available() -> bool:
     """Whether the smoe_native ops are loaded (building them on the first call); False, and the torch
-    code is used, on CPUs without AVX512-BF16, with SMOE_NATIVE=0, or if the build fails (warned once)."""
+    code is used, on CPUs with neither ISAS, with SMOE_NATIVE=0, or if the build fails (warned once)."""
     if _state["loaded"] is None:
         _state["loaded"] = False
-        if os.environ.get("SMOE_NATIVE", "1") != "0" and cpu_has_avx512_bf16():
+        isa = cpu_isa()
+        if os.environ.get("SMOE_NATIVE", "1") != "0" and isa is not None:
             try:
-                path = library_path()
+                path = library_path(isa)
                 if not path.exists():
-                    _build(path)
+                    _build(path, isa)
                 torch.ops.load_library(str(path))
                 _register_fakes()
-                _state["loaded"] = True
+                _state["loaded"], _state["isa"] = True, isa
             except Exception as err:  # no compiler, no headers, a full disk: keep the torch code
-                warnings.warn(f"smoe's bf16 CPU kernels are unavailable ({type(err).__name__}: {str(err)[:500]}); "
+                warnings.warn(f"smoe's CPU kernels are unavailable ({type(err).__name__}: {str(err)[:500]}); "
                               f"using torch's code", stacklevel=2)
     return bool(_state["loaded"])
 
@@ -109,9 +121,19 @@ def disabled() -> Iterator[None]:
         _state["loaded"] = before
 
 
+def _loaded() -> bool:
+    # under torch.compile only what is already loaded (tracing cannot build): call available() before compiling
+    return _state["loaded"] is True if torch.compiler.is_compiling() else available()
+
+
+def max_rows(dtype: torch.dtype) -> int:
+    """Rows of x up to which products of this dtype go through the kernels (MAX_ROWS); 0 where they don't."""
+    return MAX_ROWS[_state["isa"]].get(dtype, 0) if _loaded() else 0
+
+
 def used_for(dtype: torch.dtype) -> bool:
     """Whether models of this dtype run the native kernels (loading them now): call before torch.compile."""
-    return dtype == torch.bfloat16 and available()
+    return max_rows(dtype) > 0
 
 
 def _register_fakes() -> None:
@@ -121,7 +143,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("smoe_native::gemv")
     def _(x, w):
-        return x.new_empty(x.shape[0], w.shape[0])
+        return x.new_empty(*x.shape[:-1], w.shape[0])
 
     @torch.library.register_fake("smoe_native::expert_gemv")
     def _(x, w, experts):
@@ -131,17 +153,15 @@ def _register_fakes() -> None:
 
 
 def serves(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether the native kernels take this product: bf16 CPU tensors, no gradient, kernels available
-    (under torch.compile only if already loaded: call available() before compiling)."""
-    if not (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and w.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
-        return False
-    return _state["loaded"] is True if torch.compiler.is_compiling() else available()
+    """Whether the native kernels take a product of x and w (any number of rows): CPU tensors of one dtype
+    that max_rows serves, no gradient, kernels available."""
+    return (w.dtype == x.dtype and x.device.type == "cpu" and w.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and max_rows(x.dtype) > 0)
 
 
 def gemv(x: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
-    """x (..., I) @ w_OI.T -> (..., O) in bf16, each weight row read once for all rows of x (few rows)."""
-    return torch.ops.smoe_native.gemv(x.reshape(-1, x.shape[-1]), w_OI).view(*x.shape[:-1], w_OI.shape[0])
+    """x (..., I) @ w_OI.T -> (..., O) in x's dtype, each weight row read once for all rows of x (few rows)."""
+    return torch.ops.smoe_native.gemv(x, w_OI)
 
 
 def expert_gemv(x_NKI: torch.Tensor, w_EOI: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""smoe's own bf16 CPU kernels (smoe.kernels.native): against float64, in the linears and the compiled
-decode step that use them, and the fallback to torch's code when they cannot be built."""
+"""smoe's own CPU kernels (smoe.kernels.native), bf16 and fp32: against float64, in the linears and the
+compiled decode step that use them, every instruction set's build, and the fallback to torch's code when
+they cannot be built."""
 
 from __future__ import annotations
 
@@ -20,12 +21,18 @@ def native_kernel():
     """Skips where the kernel cannot load; asked for at run time, once the session's temporary SMOE_CACHE is
     set (at collection the build would go to the user's cache)."""
     if not native.available():
-        pytest.skip("needs an x86 CPU with AVX512-BF16 and a C++ compiler")
+        pytest.skip("needs an x86-64 CPU with AVX2 or AVX512-BF16 and a C++ compiler")
 
 
 needs_native = pytest.mark.usefixtures("native_kernel")
 U = 2.0**-8  # bf16 unit roundoff
 F32 = 2.0**-24
+ROUNDING = {torch.bfloat16: U, torch.float32: F32}  # of an output in that dtype
+DTYPES = [torch.bfloat16, torch.float32]
+
+
+def _served() -> list[torch.dtype]:
+    return [d for d in DTYPES if native.max_rows(d) > 0]
 
 
 def _bound(x, w, out_rounding: float) -> torch.Tensor:
@@ -36,36 +43,43 @@ def _bound(x, w, out_rounding: float) -> torch.Tensor:
 
 
 @needs_native
-@pytest.mark.parametrize("M", [1, 3, 8, 9, 17])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 9, 17])
 @pytest.mark.parametrize("I", [32, 100, 256, 1000])
-@pytest.mark.parametrize("O", [1, 37, 300])
-def test_gemv_within_the_fp32_sum_bound_and_one_rounding(M, I, O):
+@pytest.mark.parametrize("O", [1, 7, 37, 300])
+def test_gemv_within_the_fp32_sum_bound_and_one_rounding(M, I, O, dtype):
+    # odd O and I: the streams' remainder rows and the vector loops' tails
     g = torch.Generator().manual_seed(M * 1000 + I + O)
-    x, w = torch.randn(M, I, generator=g).bfloat16(), torch.randn(O, I, generator=g).bfloat16()
+    x, w = torch.randn(M, I, generator=g).to(dtype), torch.randn(O, I, generator=g).to(dtype)
     y = native.gemv(x, w)
-    assert y.shape == (M, O) and y.dtype == torch.bfloat16
-    exact, bound = _bound(x, w, U)
+    assert y.shape == (M, O) and y.dtype == dtype
+    exact, bound = _bound(x, w, ROUNDING[dtype])
     assert ((y.double() - exact).abs() <= bound).all()
-    # torch's bf16 product rounds the same sum once: at most one bf16 step apart
+    # torch's product rounds the same sum once: at most one step apart
     assert ((y.double() - F.linear(x, w).double()).abs() <= 2 * bound).all()
+    # a row's result does not depend on the other rows computed with it
+    assert torch.equal(y[-1:], native.gemv(x[-1:], w))
 
 
 @needs_native
-def test_gemv_takes_strided_and_batched_rows():
-    x, w = torch.randn(2, 3, 64).bfloat16(), torch.randn(24, 64).bfloat16()
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_takes_strided_and_batched_rows(dtype):
+    x, w = torch.randn(2, 3, 64).to(dtype), torch.randn(24, 64).to(dtype)
     assert torch.equal(native.gemv(x, w), native.gemv(x.reshape(6, 64), w).view(2, 3, 24))
-    xs = torch.randn(5, 128).bfloat16()[:, ::2]  # a non-contiguous view
+    assert torch.equal(native.gemv(x[0, 0], w), native.gemv(x[0, :1], w)[0])  # one row as a vector
+    xs = torch.randn(5, 128).to(dtype)[:, ::2]  # a non-contiguous view
     assert torch.equal(native.gemv(xs, w), native.gemv(xs.contiguous(), w))
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shared", [True, False])
-def test_expert_gemv_equals_each_experts_product(shared):
+def test_expert_gemv_equals_each_experts_product(shared, dtype):
     g = torch.Generator().manual_seed(3)
     N, K, E, O, I = 5, 2, 4, 40, 96
-    w = torch.randn(E, O, I, generator=g).bfloat16()
+    w = torch.randn(E, O, I, generator=g).to(dtype)
     experts = torch.randint(0, E, (N, K), generator=g)
-    x = torch.randn(N, 1 if shared else K, I, generator=g).bfloat16()
+    x = torch.randn(N, 1 if shared else K, I, generator=g).to(dtype)
     y = native.expert_gemv(x, w, experts)
     assert y.shape == (N, K, O) and y.dtype == torch.float32
     for n in range(N):
@@ -78,26 +92,40 @@ def test_expert_gemv_equals_each_experts_product(shared):
 @needs_native
 def test_bad_inputs_are_named():
     w = torch.randn(3, 8, 32).bfloat16()
-    with pytest.raises(RuntimeError, match="expert id 3 outside 0..2"):
+    with pytest.raises(ValueError, match=r"expert index 3 out of range \[0, 3\)"):
         native.expert_gemv(torch.randn(1, 1, 32).bfloat16(), w, torch.tensor([[0, 3]]))
-    with pytest.raises(RuntimeError, match="x must be a bfloat16 CPU tensor"):
+    with pytest.raises(RuntimeError, match="x and w must both be bfloat16 or both float32"):
         native.gemv(torch.randn(1, 32), w[0])
-    with pytest.raises(RuntimeError, match=r"x \(M, I\) and w \(O, I\)"):
+    with pytest.raises(RuntimeError, match=r"x \(\.\.\., I\) and w \(O, I\)"):
         native.gemv(torch.randn(1, 16).bfloat16(), w[0])
+    with pytest.raises(RuntimeError, match="streams must be 1, 2, 4 or 8"):
+        torch.ops.smoe_native.stream_sum(torch.ones(8), 3)
 
 
 @needs_native
-def test_linear_takes_the_kernel_for_few_bf16_rows_only():
-    w = torch.randn(300, 64).bfloat16()
-    for M in (1, linear.NATIVE_MAX_ROWS):
-        x = torch.randn(M, 64).bfloat16()
-        assert torch.equal(linear.linear(x, w), native.gemv(x, w))
-        out = torch.empty(M, 300, dtype=torch.bfloat16)
-        assert torch.equal(linear.mm_into(x, w, out), native.gemv(x, w))
-    x = torch.randn(linear.NATIVE_MAX_ROWS + 1, 64).bfloat16()
-    assert torch.equal(linear.linear(x, w), F.linear(x, w))
-    with native.disabled():  # as SMOE_NATIVE=0, for side-by-side benchmarks
-        assert torch.equal(linear.linear(x[:1], w), F.linear(x[:1], w))
+@pytest.mark.parametrize("streams", [1, 2, 4, 8])
+@pytest.mark.parametrize("n", [1, 100, 4096 + 37])
+def test_stream_sum_is_the_sum(streams, n):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    got = torch.ops.smoe_native.stream_sum(x, streams)
+    assert got.shape == () and abs(got.item() - x.double().sum().item()) <= n * F32 * x.abs().sum().item()
+
+
+@needs_native
+def test_linear_takes_the_kernel_for_few_rows_only():
+    for dtype in _served():
+        most = native.max_rows(dtype)
+        w = torch.randn(300, 64).to(dtype)
+        for M in (1, most):
+            x = torch.randn(M, 64).to(dtype)
+            assert torch.equal(linear.linear(x, w), native.gemv(x, w))
+            out = torch.empty(M, 300, dtype=dtype)
+            assert torch.equal(linear.mm_into(x, w, out), native.gemv(x, w))
+        x = torch.randn(most + 1, 64).to(dtype)
+        assert torch.equal(linear.linear(x, w), F.linear(x, w))
+        with native.disabled():  # as SMOE_NATIVE=0, for side-by-side benchmarks
+            assert native.max_rows(dtype) == 0
+            assert torch.equal(linear.linear(x[:1], w), F.linear(x[:1], w))
     assert native.available()
     # with a gradient to record, torch's code
     wg = w.float().requires_grad_()
@@ -124,20 +152,22 @@ def _forced_logits(model, prompts: torch.Tensor, tokens: torch.Tensor, step_fn, 
 
 @needs_native
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("batch", [1, 3])
-def test_compiled_bf16_decode_calls_the_kernel_and_matches_eager(monkeypatch, tmp_path, batch):
-    # the compiled step's linears of up to 8 rows and its MoE run the native ops, in torch.compile and in
-    # the AOT package alike; eager decode uses the same kernel for its few rows. bf16 activations are
-    # rounded at other places than eagerly: logits within a few bf16 steps (1 measured). The batch's
-    # last prompt is left-padded: its padding slots stay masked in every step
+@pytest.mark.parametrize("dtype,batch", [(torch.bfloat16, 1), (torch.bfloat16, 3), (torch.float32, 3)])
+def test_compiled_decode_calls_the_kernel_and_matches_eager(monkeypatch, tmp_path, dtype, batch):
+    # the compiled step's linears of few rows and its MoE run the native ops, in torch.compile and in the AOT
+    # package alike; eager decode uses the same kernel for its few rows. bf16 activations are rounded at
+    # other places than eagerly: logits within a few bf16 steps (1 measured). The batch's last prompt is
+    # left-padded: its padding slots stay masked in every step
+    if not native.used_for(dtype):
+        pytest.skip(f"smoe's kernels do not serve {dtype} on this CPU ({native._state['isa']})")
     monkeypatch.setenv("SMOE_CACHE", str(tmp_path))
     from torch._inductor.utils import run_and_get_code
-    model = tiny_model(seed=5).to(torch.bfloat16)
+    model = tiny_model(seed=5).to(dtype)
     g = torch.Generator().manual_seed(batch)
     prompts, tokens = torch.randint(0, 128, (batch, 5), generator=g), torch.randint(0, 128, (10, batch), generator=g)
     pad = 2 if batch > 1 else 0
     eager = _forced_logits(model, prompts, tokens, compiled.eager_step, pad)
-    tol = 4 * U * eager.abs().max().item()
+    tol = (4 * U if dtype == torch.bfloat16 else 1e-5) * eager.abs().max().item()
     jit, aot = compiled.CompiledStep(), compiled.AOTStep(compiled.CompiledStep())
     torch._dynamo.reset()
     logits, codes = run_and_get_code(_forced_logits, model, prompts, tokens, jit, pad)
@@ -149,53 +179,78 @@ def test_compiled_bf16_decode_calls_the_kernel_and_matches_eager(monkeypatch, tm
 
 
 @needs_native
-def test_bf16_batches_up_to_the_kernels_rows_decode_compiled():
-    bf16, f32 = torch.bfloat16, torch.float32
-    assert compiled.decode_step(True, "cpu", linear.NATIVE_MAX_ROWS, bf16) is compiled._aot
-    assert compiled.decode_step("jit", "cpu", 2, bf16) is compiled._compiled
-    assert compiled.decode_step(True, "cpu", linear.NATIVE_MAX_ROWS + 1, bf16) is compiled.eager_step
-    assert compiled.decode_step(True, "cpu", 2, f32) is compiled.eager_step
-    with native.disabled():
-        assert compiled.decode_step(True, "cpu", 2, bf16) is compiled.eager_step
+def test_batches_up_to_the_kernels_rows_decode_compiled():
+    for dtype in DTYPES:
+        if not native.used_for(dtype):  # fp32 on AVX-512: the compiled step takes batch 1 only
+            assert compiled.decode_step(True, "cpu", 2, dtype) is compiled.eager_step
+            continue
+        most = min(compiled.NATIVE_COMPILE_MAX_BATCH, native.max_rows(dtype))
+        assert compiled.decode_step(True, "cpu", most, dtype) is compiled._aot
+        assert compiled.decode_step("jit", "cpu", 2, dtype) is compiled._compiled
+        assert compiled.decode_step(True, "cpu", most + 1, dtype) is compiled.eager_step
+        with native.disabled():
+            assert compiled.decode_step(True, "cpu", 2, dtype) is compiled.eager_step
 
 
 def test_unbuildable_kernels_warn_once_and_torch_code_runs(monkeypatch, tmp_path):
     monkeypatch.setenv("SMOE_CACHE", str(tmp_path))
     monkeypatch.setitem(native._state, "loaded", None)
-    monkeypatch.setattr(native, "cpu_has_avx512_bf16", lambda: True)
-    monkeypatch.setattr(native, "_build_command", lambda out: ["false"])
-    with pytest.warns(UserWarning, match="bf16 CPU kernels are unavailable"):
+    monkeypatch.setattr(native, "cpu_isa", lambda: "avx2")
+    monkeypatch.setattr(native, "_build_command", lambda out, isa: ["false"])
+    with pytest.warns(UserWarning, match="CPU kernels are unavailable"):
         assert not native.available()
     assert not native.available() and not list(tmp_path.glob("native/*"))  # tried once, nothing left behind
-    x, w = torch.randn(2, 64).bfloat16(), torch.randn(30, 64).bfloat16()
-    assert torch.equal(linear.linear(x, w), F.linear(x, w))
+    assert native.max_rows(torch.float32) == native.max_rows(torch.bfloat16) == 0
+    for dtype in DTYPES:
+        x, w = torch.randn(2, 64).to(dtype), torch.randn(30, 64).to(dtype)
+        assert torch.equal(linear.linear(x, w), F.linear(x, w))
     monkeypatch.setitem(native._state, "loaded", None)
     monkeypatch.setenv("SMOE_NATIVE", "0")
     assert not native.available()
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("isa", sorted(native.ISAS))
+def test_every_instruction_sets_build_compiles(tmp_path, isa):
+    # on any x86-64 machine with the compiler, whichever build this CPU runs: the other one must not rot
+    import platform
+    import subprocess
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 only")
+    try:
+        run = subprocess.run(native._build_command(tmp_path / "k.so", isa), capture_output=True, text=True,
+                             timeout=280)
+    except FileNotFoundError:
+        pytest.skip("no C++ compiler")
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 @needs_native
-@pytest.mark.parametrize("N,skew", [(1, False), (7, False), (16, True), (32, False)])
-def test_grouped_bf16_inference_takes_the_kernel_within_naive_error(N, skew):
-    # few token-slots of bf16 inference (up to 8 per expert on average): grouped_moe is native_moe (each
-    # touched expert read once per 8 of its slots; skew: one expert takes all 32 slots), within the bf16
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,skew", [(1, False), (7, False), (16, True), ("limit", False)])
+def test_grouped_inference_takes_the_kernel_within_naive_error(N, skew, dtype):
+    # few token-slots of inference (up to native.max_rows per expert on average): grouped_moe is native_moe
+    # (each touched expert read once per pass of its slots; skew: one expert takes all 32 slots), within the
     # bound of the naive loop; beyond, the sorted per-expert products
+    if not native.used_for(dtype):
+        pytest.skip(f"smoe's kernels do not serve {dtype} on this CPU")
     from smoe.kernels import grouped as G
     from smoe.kernels.naive import naive_moe
-    g = torch.Generator().manual_seed(N)
     D, H, E, K = 64, 96, 8, 2
-    x = torch.randn(N, D, generator=g).bfloat16()
-    w1, w3 = (torch.randn(E, H, D, generator=g).bfloat16() * 0.2 for _ in range(2))
-    w2 = torch.randn(E, D, H, generator=g).bfloat16() * 0.2
+    N = native.max_rows(dtype) * E // K if N == "limit" else N
+    g = torch.Generator().manual_seed(N)
+    x = torch.randn(N, D, generator=g).to(dtype)
+    w1, w3 = (torch.randn(E, H, D, generator=g).to(dtype) * 0.2 for _ in range(2))
+    w2 = torch.randn(E, D, H, generator=g).to(dtype) * 0.2
     experts = torch.zeros(N, K, dtype=torch.long) if skew else torch.rand(N, E, generator=g).topk(K, -1).indices
-    weights = torch.softmax(torch.randn(N, K, generator=g), -1).bfloat16()
+    weights = torch.softmax(torch.randn(N, K, generator=g), -1).to(dtype)
     args = (x, w1, w2, w3, experts, weights)
     y = G.grouped_moe(*args)
     assert torch.equal(y, G.native_moe(*args))
-    if N == 32:  # 64 slots of 8 experts: the limit; one token more and the library's products run
+    if N * K == native.max_rows(dtype) * E:  # the limit; one token more and the library's products run
         more = (torch.cat([x, x[:1]]), w1, w2, w3, torch.cat([experts, experts[:1]]), torch.cat([weights, weights[:1]]))
         with unittest.mock.patch.object(G, "native_moe", side_effect=AssertionError("not past the limit")):
             G.grouped_moe(*more)
     ref = naive_moe(*(t.double() for t in (x, w1, w2, w3)), experts, weights.double())
     naive_err = (naive_moe(*args).double() - ref).abs().max()
-    assert (y.double() - ref).abs().max() <= 2 * naive_err + U * ref.abs().max()
+    assert (y.double() - ref).abs().max() <= 2 * naive_err + 8 * ROUNDING[dtype] * ref.abs().max()
