@@ -43,6 +43,8 @@ def candidates(x: torch.Tensor, ws: list[torch.Tensor]) -> dict:
            "smoe": lambda: L.linear(x, nxt())}
     if L.ONEDNN and x.dtype == torch.float32:  # smoe takes it for fp32 only (bf16 fails without AVX512-BF16)
         fns["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, nxt(), None, "none", [], "")
+    if x.dtype == torch.bfloat16:
+        fns["as fp32"] = lambda: F.linear(x.float(), nxt().float()).bfloat16()
     if native.available():
         fns["native"] = lambda: native.gemv(x, nxt())
 

@@ -15,7 +15,8 @@ Function) and not under torch.compile; other dtypes and devices take F.linear un
 Where smoe's own kernels load (smoe.kernels.native: x86-64 with AVX2 or AVX-512), products of up to
 native.max_rows(dtype) rows go through them instead: they read the weight once for all rows (AVX512-BF16,
 bf16, 1-2 rows: 15-23 vs 7-8 GB/s for torch's bf16 path over 0.5-66 MB weights; AVX2, fp32, 2-8 rows:
-1.3-2.8x less time than the paths above for the small preset's shapes).
+1.3-2.8x less time than the paths above for the small preset's shapes). bf16 products with more rows, on a
+CPU without bf16 instructions (AVX512-BF16, AMX), are computed as fp32 ones (BF16_AS_FP32).
 """
 
 from __future__ import annotations
@@ -47,6 +48,22 @@ def _onednn_linear_works() -> bool:
 ONEDNN = _onednn_linear_works()
 
 
+def _bf16_products_are_emulated() -> bool:
+    """Whether this CPU lacks the bf16 instructions (AVX512-BF16, AMX) oneDNN's bf16 products need: torch's
+    bf16 matmul then takes a fallback ~10x slower than its fp32 one (benchmarks/linear.py, a Zen 3)."""
+    try:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except Exception:  # no oneDNN or no such op: assume hardware bf16 and keep torch's bf16 path
+        return False
+
+
+# bf16 products of at least BF16_AS_FP32_MIN_ROWS rows, beyond what smoe's kernel takes, run as fp32 ones
+# where the CPU lacks bf16 instructions: the same exact bf16 products summed in fp32, rounded once to bf16.
+# On a Zen 3, 1 thread: 2.9-6.9x less time than torch's bf16 path at 8-512 rows (1536 x 512, 512 x 1536,
+# 32000 x 256); at 1 row converting the weight costs more than it saves (32000 x 256: 9.8 vs 2.6 ms)
+BF16_AS_FP32, BF16_AS_FP32_MIN_ROWS = _bf16_products_are_emulated(), 8
+
+
 def _fast_path_ok(x_MI: torch.Tensor, w_OI: torch.Tensor) -> bool:
     return (x_MI.device.type == "cpu" and x_MI.dtype == torch.float32 and w_OI.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x_MI.requires_grad or w_OI.requires_grad))
@@ -76,6 +93,13 @@ def _onednn_rows(M: int, w_OI: torch.Tensor) -> bool:
     return M >= ONEDNN_ROWS_MIN and w_OI.numel() >= ONEDNN_MIN_WEIGHT
 
 
+def _bf16_as_fp32(M: int, x: torch.Tensor, w_OI: torch.Tensor) -> bool:
+    return (BF16_AS_FP32 and M >= BF16_AS_FP32_MIN_ROWS and x.dtype == torch.bfloat16
+            and w_OI.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or w_OI.requires_grad))
+            and not torch.compiler.is_compiling())
+
+
 def _native_rows(M: int, x: torch.Tensor, w_OI: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and 1 <= M <= native.max_rows(x.dtype) and native.serves(x, w_OI)
 
@@ -85,6 +109,8 @@ def mm_into(x_MI: torch.Tensor, w_OI: torch.Tensor, out_MO: torch.Tensor) -> tor
     M = x_MI.shape[0]
     if _native_rows(M, x_MI, w_OI):
         return out_MO.copy_(native.gemv(x_MI, w_OI))
+    if _bf16_as_fp32(M, x_MI, w_OI):
+        return out_MO.copy_(linear(x_MI.float(), w_OI.float()))
     if _pair_row(M, w_OI) and _fast_path_ok(x_MI, w_OI):
         return out_MO.copy_(_as_pair(x_MI, w_OI))
     if _small_rows(M, w_OI) and _fast_path_ok(x_MI, w_OI):
@@ -99,6 +125,8 @@ def linear(x: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
     M, O = x.numel() // x.shape[-1], w_OI.shape[0]
     if _native_rows(M, x, w_OI):
         return native.gemv(x, w_OI)
+    if _bf16_as_fp32(M, x, w_OI):
+        return linear(x.float(), w_OI.float()).to(torch.bfloat16)
     if _pair_row(M, w_OI) and _fast_path_ok(x, w_OI):
         return _as_pair(x, w_OI).contiguous().view(*x.shape[:-1], O)
     if _small_rows(M, w_OI) and _fast_path_ok(x, w_OI):

@@ -48,3 +48,23 @@ def test_linear_module_is_an_nn_linear_without_bias():
     x = torch.randn(2, 5, 8)
     with torch.no_grad():
         torch.testing.assert_close(m(x), F.linear(x, m.weight), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [L.BF16_AS_FP32_MIN_ROWS, 40, 300])
+def test_bf16_products_as_fp32_where_the_cpu_lacks_bf16_instructions(monkeypatch, rows):
+    # exact bf16 products summed in fp32 and rounded once: torch's bf16 matmul computes the same, within one
+    # bf16 step of the float64 product
+    monkeypatch.setattr(L, "BF16_AS_FP32", True)
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 64, generator=g).bfloat16(), torch.randn(1100, 64, generator=g).bfloat16()
+    with native.disabled(), torch.no_grad():
+        y = L.linear(x, w)
+        assert y.dtype == torch.bfloat16 and torch.equal(y, L.linear(x.float(), w.float()).bfloat16())
+        out = torch.empty(rows, 1100, dtype=torch.bfloat16)
+        assert torch.equal(L.mm_into(x, w, out), y)
+    exact, mass = x.double() @ w.double().t(), x.double().abs() @ w.double().abs().t()
+    assert ((y.double() - exact).abs() <= 2**-8 * exact.abs() + 64 * 2**-24 * mass).all()
+    with native.disabled():  # fewer rows: torch's bf16 path (converting the weight would cost more)
+        assert torch.equal(L.linear(x[:1], w), F.linear(x[:1], w))
+    wg = w.float().requires_grad_()  # with a gradient to record, F.linear as it is
+    assert L.linear(x.float(), wg).requires_grad
