@@ -1,14 +1,15 @@
 """x @ w.T without autograd on the CPU, by whichever library path measured fastest for its shape.
 
 nn.Linear keeps a weight as (out, in), so x @ w.T reads it transposed. With torch's CPU wheel (MKL
-for fp32) on this machine's AMD EPYC that path is slow for a few rows, where w @ x.T, which reads w
-row by row, took 1.4-1.8x less time for an expert's 512 x 256 weights at 2-4 rows and 1.7-3.6x less for
-the 32000 x 256 output projection at 2-8 rows; for that wide output oneDNN's linear took 1.3-1.7x less
+for fp32) on the AMD EPYC (Zen 4) these were measured on, that path is slow for a few rows, where w @ x.T,
+which reads w row by row, took 1.4-1.8x less time for an expert's 512 x 256 weights at 2-4 rows and 1.7-3.6x
+less for the 32000 x 256 output projection at 2-8 rows; for that wide output oneDNN's linear took 1.3-1.7x less
 time than MKL at 16-128 rows, and for the medium preset's shapes (512-3072 wide) 5-20% less at 32-8192 rows
-(`benchmarks/linear.py` measures every choice side by side). A single row against a weight of at most
-768 inputs goes through MKL as two (the row twice): its one-row path (gemv) ran slower than its
-two-column product for those shapes (32000 x 256: 4.3 vs 2.4 ms; 1536 x 512: 319 vs 227 us; 512 x 256:
-71 vs 53 us; 4096 x 768: 1.09 vs 0.84 ms), and faster from 1024 inputs (1024 x 3584: 1.03 vs 1.65 ms).
+with AVX-512 (not with AVX2: see ONEDNN_ROWS_MIN) (`benchmarks/linear.py` measures every choice side by
+side). A single row against a weight of at most 768 inputs goes through MKL as two (the row twice): its
+one-row path (gemv) ran slower than its two-column product for those shapes (32000 x 256: 4.3 vs 2.4 ms;
+1536 x 512: 319 vs 227 us; 512 x 256: 71 vs 53 us; 4096 x 768: 1.09 vs 0.84 ms), and faster from 1024
+inputs (1024 x 3584: 1.03 vs 1.65 ms).
 Taken only where no gradient is recorded (inference, the forward of the grouped MoE's autograd
 Function) and not under torch.compile; other dtypes and devices take F.linear unchanged.
 
@@ -33,8 +34,11 @@ SMALL_ROWS_MAX, WIDE_SMALL_ROWS_MAX, SMALL_ROWS_MIN_WEIGHT = 4, 8, 1 << 16
 PAIR_MIN_OUT, PAIR_MAX_IN = 256, 768
 # oneDNN: outputs at least WIDE_MIN_OUT wide (a vocabulary projection) with other row counts up to WIDE_ROWS_MAX;
 # narrower weights of at least ONEDNN_MIN_WEIGHT elements from ONEDNN_ROWS_MIN rows (fewer rows or smaller
-# weights measured alike or mixed)
-WIDE_MIN_OUT, WIDE_ROWS_MAX, ONEDNN_ROWS_MIN, ONEDNN_MIN_WEIGHT = 8192, 512, 32, 1 << 18
+# weights measured alike or mixed). Measured with AVX-512 (Zen 4); on an AVX2 CPU (Zen 3) oneDNN's products
+# of the narrower weights took 2-17% more time than MKL's at 32-512 rows (the MoE layer at 4096 tokens 615 vs
+# 532 ms) and the wide one's 28% more at 512 rows, so there only the wide one up to 128 rows takes it
+AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+WIDE_MIN_OUT, WIDE_ROWS_MAX, ONEDNN_ROWS_MIN, ONEDNN_MIN_WEIGHT = 8192, 512 if AVX512 else 128, 32, 1 << 18
 
 
 def _onednn_linear_works() -> bool:
@@ -90,7 +94,7 @@ def _onednn_rows(M: int, w_OI: torch.Tensor) -> bool:
         return False
     if w_OI.shape[0] >= WIDE_MIN_OUT:
         return M <= WIDE_ROWS_MAX
-    return M >= ONEDNN_ROWS_MIN and w_OI.numel() >= ONEDNN_MIN_WEIGHT
+    return AVX512 and M >= ONEDNN_ROWS_MIN and w_OI.numel() >= ONEDNN_MIN_WEIGHT
 
 
 def _bf16_as_fp32(M: int, x: torch.Tensor, w_OI: torch.Tensor) -> bool:
