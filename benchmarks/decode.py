@@ -3,13 +3,14 @@ weights, against the memory roofline measured in the same run.
 
 Decode time per token = (t(generate n_long) - t(generate n_short)) / (n_long - n_short), which
 cancels prefill and setup for every implementation alike; median of `--repeat` rounds, each of which
-times every implementation in turn. Roofline at batch 1: the bytes of weights
-one token must read (its top-k experts, attention, router and norms of every layer, one embedding
-row, the output projection) / the streaming-read bandwidth measured here, at the same thread count
-(torch's default, all cores, unless --threads), before, after and between every round; the best
-probe counts. On the CPU both models' weights and the bandwidth probe's buffer are in huge pages
-(smoe.kernels.memory), as load_model places weights: one core reads 24-27 GB/s from 4 KiB pages here
-and 32-34 GB/s from 2 MiB ones.
+times every implementation in turn. Roofline at batch 1: the bytes of weights one token must read (its
+top-k experts, attention, router and norms of every layer, one embedding row, the output projection) /
+the streaming-read bandwidth measured here, at the same thread count (torch's default, all cores, unless
+--threads), before, after and between every round; the best probe counts, and each batch-1 round is also
+reported against the probe right after it (a shared machine's bandwidth moves by 2x within minutes here).
+On the CPU both models' weights and the bandwidth probe's buffer are in huge pages (smoe.kernels.memory),
+as load_model places weights (one Zen 4 core read 24-27 GB/s from 4 KiB pages and 32-34 GB/s from 2 MiB
+ones), and the probe also reads as several streams where smoe's kernels load (smoe.kernels.timing).
 
     .venv/bin/python benchmarks/decode.py                        # small (30M) and large (~0.8B) models
     .venv/bin/python benchmarks/decode.py --models small --dtypes float32 --batches 1 --repeat 2
@@ -146,10 +147,12 @@ def bench_model(name: str, cfg: ModelConfig, dtype: torch.dtype, batches: list[i
             if impl.startswith(("smoe-jit", "smoe-aot")):  # the first step builds (or loads) the compiled step
                 row.setdefault("compile_s", {})[impl] = timed(lambda run=run: run(2), device)
             runs[impl] = run
+        first_probe = len(bandwidths)
         for impl, samples in decode_seconds(runs, args.short, args.long, args.repeat, device, probe_round).items():
             row["tok_s"][impl] = B / median(samples)
             row["samples_s"][impl] = samples
             print(f"  {name} {row['dtype']} batch {B} {impl}: {row['tok_s'][impl]:.1f} tok/s", flush=True)
+        row["round_bandwidths"] = bandwidths[first_probe:]  # the probe after each round, in round order
         rows.append(row)
     tmp.cleanup()
     return rows
@@ -238,6 +241,12 @@ def main(argv: list[str] | None = None) -> dict:
             notes.append(f"{args.layers} of {full.n_layers} layers; at the same roofline fraction the full model "
                          f"would do " + ", ".join(f"{i} {t:.1f}" for i, t in r["full_model_estimate_tok_s"].items())
                          + " tok/s")
+        if r["round_bandwidths"]:  # each round against the probe right after it: the same stretch of the machine
+            paired = {i: [r["bytes_per_token"] / t / bw_r for t, bw_r in zip(ts, r["round_bandwidths"])]
+                      for i, ts in r["samples_s"].items()}
+            r["paired_roofline_fraction"] = {i: median(v) for i, v in paired.items()}
+            notes.append("each round against the probe after it (median, range): " + ", ".join(
+                f"{i} {100 * median(v):.0f}% ({100 * min(v):.0f}-{100 * max(v):.0f}%)" for i, v in paired.items()))
         if args.peak_bandwidth:
             peak = args.peak_bandwidth * 1e9 / r["bytes_per_token"]
             r["peak_roofline_tok_s"] = peak
