@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
                             "smoe-aot-nonative"],
                    help="smoe: eager; smoe-jit: compile='jit' (torch.compile; on CUDA captured as a CUDA graph); "
                         "smoe-aot: compile=True (AOTInductor on the CPU; on CUDA the CUDA graph of the eager step); "
-                        "-nonative: the same without smoe's bf16 CPU kernels (as SMOE_NATIVE=0)")
+                        "-nonative: the same without smoe's CPU kernels (as SMOE_NATIVE=0)")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--short", type=int, default=8, help="tokens of the short generation")
     p.add_argument("--long", type=int, default=40, help="tokens of the long generation")
