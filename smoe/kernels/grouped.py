@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from smoe.kernels import native
-from smoe.kernels.linear import linear, mm_into, reduction_input
+from smoe.kernels.linear import bf16_as_fp32, compute_dtype, linear, mm_into, reduction_input
 
 # token-slots up to which the compiled (gather) formulation is used under torch.compile
 COMPILED_GATHER_MAX_SLOTS = 32
@@ -66,36 +66,61 @@ def segments(counts: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
+class _Converted:
+    """One expert's weight at a time in another dtype, copied into one reused buffer (a fresh tensor per
+    expert costs its page faults: a 1536 x 512 bf16 -> fp32 conversion 300-450 us against 110 us)."""
+
+    def __init__(self, w_EOI: torch.Tensor, dtype: torch.dtype):
+        self.w_EOI, self.buf = w_EOI, None if w_EOI.dtype == dtype else w_EOI.new_empty(w_EOI.shape[1:], dtype=dtype)
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        return self.w_EOI[e] if self.buf is None else self.buf.copy_(self.w_EOI[e])
+
+
 def segment_mm(x_SI: torch.Tensor, w_EOI: torch.Tensor, segs: list[tuple[int, int, int]],
                out_SO: torch.Tensor | None = None) -> torch.Tensor:
-    """Each run of rows of x_SI times its expert's weight transposed, written into one [S, O] buffer."""
+    """Each run of rows of x_SI times its expert's weight transposed, written into one [S, O] buffer.
+    Runs that smoe.kernels.linear computes as fp32 (bf16_as_fp32) share one fp32 copy of x and of a weight."""
     if out_SO is None:
         out_SO = x_SI.new_empty(x_SI.shape[0], w_EOI.shape[1])
+    x32 = w32 = None
     for e, lo, hi in segs:
-        mm_into(x_SI[lo:hi], w_EOI[e], out_SO[lo:hi])
+        if bf16_as_fp32(hi - lo, x_SI, w_EOI):
+            if x32 is None:
+                x32, w32 = x_SI.float(), _Converted(w_EOI, torch.float32)
+            out_SO[lo:hi].copy_(torch.mm(x32[lo:hi], w32[e].t()))
+        else:
+            mm_into(x_SI[lo:hi], w_EOI[e], out_SO[lo:hi])
     return out_SO
 
 
 def segment_mm_t(x_SI: torch.Tensor, w_EOI: torch.Tensor, segs: list[tuple[int, int, int]],
                  out_SO: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
-    """Each run of rows of x_SI times its expert's weight (not transposed): [S, I] @ [I, O] per run."""
+    """Each run of rows of x_SI times its expert's weight (not transposed): [S, I] @ [I, O] per run, in x's
+    dtype (a weight of another dtype is converted one expert at a time)."""
     if out_SO is None:
         out_SO = x_SI.new_empty(x_SI.shape[0], w_EOI.shape[2])
+    w = _Converted(w_EOI, x_SI.dtype)
     for e, lo, hi in segs:
         if accumulate:
-            out_SO[lo:hi].addmm_(x_SI[lo:hi], w_EOI[e])
+            out_SO[lo:hi].addmm_(x_SI[lo:hi], w[e])
         else:
-            torch.mm(x_SI[lo:hi], w_EOI[e], out=out_SO[lo:hi])
+            torch.mm(x_SI[lo:hi], w[e], out=out_SO[lo:hi])
     return out_SO
 
 
-def segment_wgrad(a_SO: torch.Tensor, b_SI: torch.Tensor, segs: list[tuple[int, int, int]], n_experts: int
-                  ) -> torch.Tensor:
-    """Per expert a[run].T @ b[run]: the gradient of a stacked weight (E, O, I); zero for empty experts."""
-    out_EOI = a_SO.new_empty(n_experts, a_SO.shape[1], b_SI.shape[1])
+def segment_wgrad(a_SO: torch.Tensor, b_SI: torch.Tensor, segs: list[tuple[int, int, int]], n_experts: int,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per expert a[run].T @ b[run]: the gradient of a stacked weight (E, O, I), in dtype (default a's:
+    another one is rounded from a's one expert at a time); zero for empty experts."""
+    out_EOI = a_SO.new_empty(n_experts, a_SO.shape[1], b_SI.shape[1], dtype=dtype or a_SO.dtype)
+    buf = None if out_EOI.dtype == a_SO.dtype else a_SO.new_empty(out_EOI.shape[1:])
     active = set()
     for e, lo, hi in segs:
-        torch.mm(a_SO[lo:hi].t(), b_SI[lo:hi], out=out_EOI[e])
+        if buf is None:
+            torch.mm(a_SO[lo:hi].t(), b_SI[lo:hi], out=out_EOI[e])
+        else:
+            out_EOI[e].copy_(torch.mm(a_SO[lo:hi].t(), b_SI[lo:hi], out=buf))
         active.add(e)
     for e in range(n_experts):
         if e not in active:
@@ -156,7 +181,11 @@ class GroupedMoE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_ND):
         x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, order_S, w_S, a1_SH, a3_SH = ctx.saved_tensors
-        segs, E = ctx.segs, w1_EHD.shape[0]
+        segs, E, x_dtype, w_dtype = ctx.segs, w1_EHD.shape[0], x_ND.dtype, w1_EHD.dtype
+        # bf16 on a CPU without bf16 instructions: the whole backward in fp32 (its emulated bf16 matmuls are
+        # several times slower), each gradient rounded once at the end; the weights convert expert by expert
+        ct = compute_dtype(g_ND)
+        g_ND, x_ND, w_S, a1_SH, a3_SH = (t.to(ct) for t in (g_ND, x_ND, w_S, a1_SH, a3_SH))
         need_x, need_w1, need_w2, need_w3, need_weights = ctx.needs_input_grad[:5]
         g_SD = g_ND.contiguous().index_select(0, token_S)
         # elementwise passes over S x H are what costs beyond the matmuls (bf16 ones especially): keep them few
@@ -168,18 +197,18 @@ class GroupedMoE(torch.autograd.Function):
             dw_S = torch.linalg.vecdot(dh_SH, h_SH)
             d_weights = torch.empty_like(dw_S).index_copy_(0, order_S, dw_S)
             d_weights = d_weights.view(ctx.weights_shape).to(ctx.weights_dtype)
-        d_w2 = segment_wgrad(g_SD, h_SH.mul_(w_S[:, None]), segs, E) if need_w2 else None
+        d_w2 = segment_wgrad(g_SD, h_SH.mul_(w_S[:, None]), segs, E, w_dtype) if need_w2 else None
         dh_SH.mul_(w_S[:, None])  # dL/dh
         da3_SH = silu_SH.mul_(dh_SH)
         da1_SH = torch.ops.aten.silu_backward(dh_SH.mul_(a3_SH), a1_SH)
         x_SD = x_ND.index_select(0, token_S)
-        d_w1 = segment_wgrad(da1_SH, x_SD, segs, E) if need_w1 else None
-        d_w3 = segment_wgrad(da3_SH, x_SD, segs, E) if need_w3 else None
+        d_w1 = segment_wgrad(da1_SH, x_SD, segs, E, w_dtype) if need_w1 else None
+        d_w3 = segment_wgrad(da3_SH, x_SD, segs, E, w_dtype) if need_w3 else None
         d_x = None
         if need_x:
             dx_SD = segment_mm_t(da1_SH, w1_EHD, segs, out_SO=x_SD)
             segment_mm_t(da3_SH, w3_EHD, segs, out_SO=dx_SD, accumulate=True)
-            d_x = torch.zeros_like(x_ND).index_add_(0, token_S, dx_SD)
+            d_x = torch.zeros_like(x_ND).index_add_(0, token_S, dx_SD).to(x_dtype)
         return d_x, d_w1, d_w2, d_w3, d_weights, None
 
 

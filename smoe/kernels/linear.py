@@ -17,7 +17,9 @@ Where smoe's own kernels load (smoe.kernels.native: x86-64 with AVX2 or AVX-512)
 native.max_rows(dtype) rows go through them instead: they read the weight once for all rows (AVX512-BF16,
 bf16, 1-2 rows: 15-23 vs 7-8 GB/s for torch's bf16 path over 0.5-66 MB weights; AVX2, fp32, 2-8 rows:
 1.3-2.8x less time than the paths above for the small preset's shapes). bf16 products with more rows, on a
-CPU without bf16 instructions (AVX512-BF16, AMX), are computed as fp32 ones (BF16_AS_FP32).
+CPU without bf16 instructions (AVX512-BF16, AMX), are computed as fp32 ones (BF16_AS_FP32), in training
+too (Bf16ViaFp32Linear: the forward and both gradient products) and under CPU bf16 autocast (which would
+otherwise take torch's emulated bf16 products: a training step of the quickstart model 5x slower).
 """
 
 from __future__ import annotations
@@ -97,11 +99,41 @@ def _onednn_rows(M: int, w_OI: torch.Tensor) -> bool:
     return AVX512 and M >= ONEDNN_ROWS_MIN and w_OI.numel() >= ONEDNN_MIN_WEIGHT
 
 
-def _bf16_as_fp32(M: int, x: torch.Tensor, w_OI: torch.Tensor) -> bool:
+def _bf16_products(M: int, x: torch.Tensor, w_OI: torch.Tensor) -> bool:
     return (BF16_AS_FP32 and M >= BF16_AS_FP32_MIN_ROWS and x.dtype == torch.bfloat16
-            and w_OI.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and (x.requires_grad or w_OI.requires_grad))
-            and not torch.compiler.is_compiling())
+            and w_OI.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.compiler.is_compiling())
+
+
+def _records_grad(x: torch.Tensor, w_OI: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or w_OI.requires_grad)
+
+
+def bf16_as_fp32(M: int, x: torch.Tensor, w_OI: torch.Tensor) -> bool:
+    """Whether x (M rows) @ w_OI.T, recording no gradient, is computed as an fp32 product (BF16_AS_FP32)."""
+    return _bf16_products(M, x, w_OI) and not _records_grad(x, w_OI) and not _native_rows(M, x, w_OI)
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype t's products are best computed in: float32 for CPU bf16 where BF16_AS_FP32, else t's own."""
+    return torch.float32 if BF16_AS_FP32 and t.dtype == torch.bfloat16 and t.device.type == "cpu" else t.dtype
+
+
+class Bf16ViaFp32Linear(torch.autograd.Function):
+    """x @ w.T for bf16 x and w whose three products (forward, dx, dw) run in fp32, each rounded once to
+    bf16: torch's emulated bf16 matmuls compute the same products, several times slower (BF16_AS_FP32)."""
+
+    @staticmethod
+    def forward(ctx, x, w_OI):
+        ctx.save_for_backward(x, w_OI)
+        return linear(x.float(), w_OI.float()).to(torch.bfloat16)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w_OI = ctx.saved_tensors
+        g_MO = g.reshape(-1, g.shape[-1]).float()
+        dx = (g_MO @ w_OI.float()).view(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw = (g_MO.t() @ x.reshape(-1, x.shape[-1]).float()).to(w_OI.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw
 
 
 def _native_rows(M: int, x: torch.Tensor, w_OI: torch.Tensor) -> bool:
@@ -113,7 +145,7 @@ def mm_into(x_MI: torch.Tensor, w_OI: torch.Tensor, out_MO: torch.Tensor) -> tor
     M = x_MI.shape[0]
     if _native_rows(M, x_MI, w_OI):
         return out_MO.copy_(native.gemv(x_MI, w_OI))
-    if _bf16_as_fp32(M, x_MI, w_OI):
+    if bf16_as_fp32(M, x_MI, w_OI):
         return out_MO.copy_(linear(x_MI.float(), w_OI.float()))
     if _pair_row(M, w_OI) and _fast_path_ok(x_MI, w_OI):
         return out_MO.copy_(_as_pair(x_MI, w_OI))
@@ -124,13 +156,24 @@ def mm_into(x_MI: torch.Tensor, w_OI: torch.Tensor, out_MO: torch.Tensor) -> tor
     return torch.mm(x_MI, w_OI.t(), out=out_MO)
 
 
+def _emulated_bf16_autocast(x: torch.Tensor) -> bool:
+    """CPU autocast to bf16 on a CPU without bf16 instructions (BF16_AS_FP32), outside torch.compile."""
+    return (BF16_AS_FP32 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not torch.compiler.is_compiling())
+
+
 def linear(x: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
     """x (..., I) @ w_OI.T -> (..., O), as F.linear without bias."""
+    if _emulated_bf16_autocast(x):  # what autocast does (bf16 in, bf16 out), by the bf16 rules below
+        with torch.autocast("cpu", enabled=False):
+            return linear(x.to(torch.bfloat16), w_OI.to(torch.bfloat16))
     M, O = x.numel() // x.shape[-1], w_OI.shape[0]
     if _native_rows(M, x, w_OI):
         return native.gemv(x, w_OI)
-    if _bf16_as_fp32(M, x, w_OI):
+    if bf16_as_fp32(M, x, w_OI):
         return linear(x.float(), w_OI.float()).to(torch.bfloat16)
+    if _bf16_products(M, x, w_OI) and _records_grad(x, w_OI):  # training: all three products in fp32
+        return Bf16ViaFp32Linear.apply(x, w_OI)
     if _pair_row(M, w_OI) and _fast_path_ok(x, w_OI):
         return _as_pair(x, w_OI).contiguous().view(*x.shape[:-1], O)
     if _small_rows(M, w_OI) and _fast_path_ok(x, w_OI):

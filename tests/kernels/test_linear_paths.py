@@ -68,3 +68,52 @@ def test_bf16_products_as_fp32_where_the_cpu_lacks_bf16_instructions(monkeypatch
         assert torch.equal(L.linear(x[:1], w), F.linear(x[:1], w))
     wg = w.float().requires_grad_()  # with a gradient to record, F.linear as it is
     assert L.linear(x.float(), wg).requires_grad
+
+
+@pytest.mark.parametrize("rows", [L.BF16_AS_FP32_MIN_ROWS, 300])
+def test_bf16_training_products_as_fp32(monkeypatch, rows):
+    # with a gradient recorded, the forward and both gradient products are fp32 ones rounded once to bf16:
+    # each within one bf16 step (plus fp32 summation) of the float64 product, and torch's bf16 autograd
+    # (emulated here, native elsewhere) lands within two such steps of the same values
+    monkeypatch.setattr(L, "BF16_AS_FP32", True)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(2, rows, 64, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(96, 64, generator=g).bfloat16().requires_grad_()
+    gy = torch.randn(2, rows, 96, generator=g).bfloat16()
+    with native.disabled():
+        y = L.linear(x, w)
+        assert y.dtype == torch.bfloat16 and y.grad_fn is not None and "Bf16ViaFp32" in type(y.grad_fn).__name__
+        dx, dw = torch.autograd.grad(y, (x, w), gy)
+        y_t = F.linear(x, w)
+        dx_t, dw_t = torch.autograd.grad(y_t, (x, w), gy)
+    X, W, G = x.detach().double().reshape(-1, 64), w.detach().double(), gy.double().reshape(-1, 96)
+    for got, torch_, exact, mass in ((y, y_t, X @ W.t(), X.abs() @ W.abs().t()),
+                                     (dx, dx_t, G @ W, G.abs() @ W.abs()),
+                                     (dw, dw_t, G.t() @ X, G.abs().t() @ X.abs())):
+        got, torch_ = got.detach().double().reshape(exact.shape), torch_.detach().double().reshape(exact.shape)
+        assert ((got - exact).abs() <= 2**-8 * exact.abs() + 64 * 2**-24 * mass).all()
+        assert ((got - torch_).abs() <= 2**-7 * exact.abs() + 128 * 2**-24 * mass).all()
+    assert dx.dtype == dw.dtype == torch.bfloat16
+
+
+def test_bf16_autocast_products_as_fp32(monkeypatch):
+    # under CPU bf16 autocast, fp32 tensors go in as bf16 and the product comes out bf16, as F.linear under
+    # autocast gives, with the gradient reaching the fp32 weight in fp32
+    monkeypatch.setattr(L, "BF16_AS_FP32", True)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 64, generator=g).requires_grad_()
+    w = torch.randn(96, 64, generator=g).requires_grad_()
+    with native.disabled(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = L.linear(x, w)
+        y_t = F.linear(x, w)
+    assert y.dtype == y_t.dtype == torch.bfloat16
+    exact = x.detach().bfloat16().double() @ w.detach().bfloat16().double().t()
+    assert ((y.detach().double() - exact).abs() <= 2**-8 * exact.abs() + 1e-4).all()
+    assert ((y.detach().double() - y_t.detach().double()).abs() <= 2**-7 * exact.abs() + 1e-4).all()
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    ref = torch.ones(40, 96, dtype=torch.float64).t() @ x.detach().bfloat16().double()
+    assert ((w.grad.double() - ref).abs() <= 2**-7 * ref.abs() + 1e-3).all()
+    monkeypatch.setattr(L, "BF16_AS_FP32", False)  # elsewhere autocast handles it, through F.linear
+    with native.disabled(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(L.linear(x, w), F.linear(x, w))
