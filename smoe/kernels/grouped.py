@@ -88,7 +88,7 @@ def segment_mm(x_SI: torch.Tensor, w_EOI: torch.Tensor, segs: list[tuple[int, in
         if bf16_as_fp32(hi - lo, x_SI, w_EOI):
             if x32 is None:
                 x32, w32 = x_SI.float(), _Converted(w_EOI, torch.float32)
-            out_SO[lo:hi].copy_(torch.mm(x32[lo:hi], w32[e].t()))
+            out_SO[lo:hi].copy_(linear(x32[lo:hi], w32[e]))  # linear's choice of fp32 path
         else:
             mm_into(x_SI[lo:hi], w_EOI[e], out_SO[lo:hi])
     return out_SO

@@ -100,8 +100,8 @@ def _onednn_rows(M: int, w_OI: torch.Tensor) -> bool:
 
 
 def _bf16_products(M: int, x: torch.Tensor, w_OI: torch.Tensor) -> bool:
-    return (BF16_AS_FP32 and M >= BF16_AS_FP32_MIN_ROWS and x.dtype == torch.bfloat16
-            and w_OI.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.compiler.is_compiling())
+    return (M >= BF16_AS_FP32_MIN_ROWS and compute_dtype(x) != x.dtype and w_OI.dtype == torch.bfloat16
+            and not torch.compiler.is_compiling())
 
 
 def _records_grad(x: torch.Tensor, w_OI: torch.Tensor) -> bool:
