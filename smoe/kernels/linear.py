@@ -34,6 +34,10 @@ from smoe.kernels import native
 SMALL_ROWS_MAX, WIDE_SMALL_ROWS_MAX, SMALL_ROWS_MIN_WEIGHT = 4, 8, 1 << 16
 # one row as a pair: weights of at least PAIR_MIN_OUT outputs and at most PAIR_MAX_IN inputs
 PAIR_MIN_OUT, PAIR_MAX_IN = 256, 768
+# Both rewrites above work around MKL (torch's CPU BLAS), which runs generic code for few-row products on
+# other vendors' CPUs: on an Intel Xeon with AMX (1 thread, weights from memory) they took 1.1-2.4x the time
+# of F.linear at 1-4 rows (1536 x 512: 521 vs 216 us at 1 row, 496 vs 210 at 2), so only other CPUs take them
+FEW_ROWS_REWRITES = native.cpu_info()[0] != "GenuineIntel"
 # oneDNN: outputs at least WIDE_MIN_OUT wide (a vocabulary projection) with other row counts up to WIDE_ROWS_MAX;
 # narrower weights of at least ONEDNN_MIN_WEIGHT elements from ONEDNN_ROWS_MIN rows (fewer rows or smaller
 # weights measured alike or mixed). Measured with AVX-512 (Zen 4); on an AVX2 CPU (Zen 3) oneDNN's products
@@ -77,12 +81,14 @@ def _fast_path_ok(x_MI: torch.Tensor, w_OI: torch.Tensor) -> bool:
 
 
 def _small_rows(M: int, w_OI: torch.Tensor) -> bool:
+    if not FEW_ROWS_REWRITES:
+        return False
     most = WIDE_SMALL_ROWS_MAX if w_OI.shape[0] >= WIDE_MIN_OUT and SMALL_ROWS_MAX else SMALL_ROWS_MAX
     return 2 <= M <= most and w_OI.numel() >= SMALL_ROWS_MIN_WEIGHT
 
 
 def _pair_row(M: int, w_OI: torch.Tensor) -> bool:
-    return (M == 1 and w_OI.shape[0] >= PAIR_MIN_OUT and w_OI.shape[1] <= PAIR_MAX_IN
+    return (FEW_ROWS_REWRITES and M == 1 and w_OI.shape[0] >= PAIR_MIN_OUT and w_OI.shape[1] <= PAIR_MAX_IN
             and w_OI.numel() >= SMALL_ROWS_MIN_WEIGHT)
 
 

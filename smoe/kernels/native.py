@@ -13,6 +13,7 @@ warns once) and callers keep their torch code.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -40,19 +41,30 @@ MAX_ROWS = {"avx512": {torch.bfloat16: 8}, "avx2": {torch.float32: 16, torch.bfl
 _state: dict[str, object] = {"loaded": None, "isa": None}  # loaded None: not tried yet; then True or False
 
 
-def cpu_isa() -> str | None:
-    """The best instruction set of ISAS this (Linux, x86-64) CPU executes, from /proc/cpuinfo's flags."""
+@functools.cache
+def cpu_info() -> tuple[str | None, frozenset[str]]:
+    """(vendor_id, flags) of this Linux x86-64 CPU from /proc/cpuinfo; (None, empty) elsewhere."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return None
+        return None, frozenset()
+    vendor, flags = None, frozenset()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return next((isa for isa, (needs, _) in ISAS.items() if needs <= flags), None)
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id" and vendor is None:
+                    vendor = value.strip()
+                elif key.strip() == "flags":
+                    flags = frozenset(value.split())
+                    break
     except OSError:
         pass
-    return None
+    return vendor, flags
+
+
+def cpu_isa() -> str | None:
+    """The best instruction set of ISAS this (Linux, x86-64) CPU executes, from /proc/cpuinfo's flags."""
+    flags = cpu_info()[1]
+    return next((isa for isa, (needs, _) in ISAS.items() if needs <= flags), None)
 
 
 def _build_command(out: Path, isa: str) -> list[str]:
