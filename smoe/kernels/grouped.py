@@ -23,6 +23,10 @@ from smoe.kernels.linear import bf16_as_fp32, compute_dtype, linear, mm_into, re
 
 # token-slots up to which the compiled (gather) formulation is used under torch.compile
 COMPILED_GATHER_MAX_SLOTS = 32
+# bf16 inference with at least this many token-slots per expert on average takes the fused AMX op where it
+# serves (amx_serves); fewer take native_moe (medium preset's experts, 1 thread, on a Xeon with AMX: 1.71 vs
+# 1.71 ms at 8 tokens, 1.72 vs 2.31 at 16, 2.06 vs 6.80 at 64; at 1-4 tokens native_moe 7-9% faster)
+AMX_MIN_SLOTS_PER_EXPERT = 2
 # token-slots up to which the routing is sorted in Python rather than with tensor ops
 PYTHON_SORT_MAX_SLOTS = 64
 # fp32 inference on the CPU with at least this many token-slots runs expert by expert (gather, SwiGLU,
@@ -251,6 +255,14 @@ def all_experts_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tens
     return torch.bmm(h_ENH, w2_EDH.transpose(1, 2)).sum(0)
 
 
+def amx_serves(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor) -> bool:
+    """Whether smoe's fused AMX MoE (native.amx_moe) takes these tensors: bf16 on the CPU, dim and hidden dim
+    multiples of 32, outside torch.compile, on a CPU with AMX where the kernels loaded (the caller checks grad)."""
+    return (x_ND.dtype == w1_EHD.dtype == w2_EDH.dtype == w3_EHD.dtype == torch.bfloat16 and x_ND.device.type == "cpu"
+            and w1_EHD.device.type == "cpu" and x_ND.shape[-1] % 32 == 0 and w1_EHD.shape[1] % 32 == 0
+            and not torch.compiler.is_compiling() and native.amx())
+
+
 def grouped_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
                 experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
     """Gather tokens once in expert order, run each active expert's rows as one matmul, scatter-add back."""
@@ -262,6 +274,10 @@ def grouped_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, 
     # expert once per pass of its slots, with no sort, gather or scatter (against the library's per-expert
     # products on sorted rows, bf16 on a Zen 4 at 8 per expert: 1.30x faster for the medium preset's experts,
     # equal for dim 1024, H 3584; at 16 per expert 1.31x and 0.68x)
+    # bf16 inference on a CPU with AMX from AMX_MIN_SLOTS_PER_EXPERT slots per expert: the fused AMX op
+    if not grad and experts_NK.numel() >= AMX_MIN_SLOTS_PER_EXPERT * w1_EHD.shape[0] and amx_serves(x_ND, w1_EHD,
+                                                                                                  w2_EDH, w3_EHD):
+        return native.amx_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK.float())
     if (not grad and experts_NK.numel() <= native.max_rows(x_ND.dtype) * w1_EHD.shape[0]
             and native.serves(x_ND, w1_EHD)):
         return native_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)  # eager or compiled

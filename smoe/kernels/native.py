@@ -27,17 +27,21 @@ import torch
 
 log = logging.getLogger("smoe.kernels")
 
-SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
-# instruction set -> (the /proc/cpuinfo flags it needs, the compiler's flags), best first
-ISAS = {"avx512": ({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"},
-                   ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]),
-        "avx2": ({"avx2", "fma"}, ["-mavx2", "-mfma"])}
+CSRC = Path(__file__).with_name("csrc")
+AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+AVX512_NEEDS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
+# instruction set -> (the /proc/cpuinfo flags it needs, the compiler's flags, the sources), best first; "amx" is
+# "avx512" plus the fused MoE of csrc/amx_moe.cpp on AMX tiles
+ISAS = {"amx": (AVX512_NEEDS | {"amx_tile", "amx_bf16"}, [*AVX512_FLAGS, "-mamx-tile", "-mamx-bf16"],
+                ["gemv.cpp", "amx_moe.cpp"]),
+        "avx512": (AVX512_NEEDS, AVX512_FLAGS, ["gemv.cpp"]),
+        "avx2": ({"avx2", "fma"}, ["-mavx2", "-mfma"], ["gemv.cpp"])}
 # products of up to this many rows of x go through the kernels, by instruction set and dtype: where they
 # measured faster than torch's paths (benchmarks/linear.py, 1 thread, weights from memory). avx512, Zen 4:
 # bf16 1.6-2.9x at 1-2 rows, 0.87-1.74x at 8, alike at 16-32 (fp32 not measured there: torch's code).
 # avx2, Zen 3: fp32 1.0-1.7x at 1-8 rows, 1.0-1.3x at 16, 0.9-1.1x at 32; bf16 (torch's bf16 products
 # without AVX512-BF16 are slow at every size) 1.1-5x at 1-8 rows, 4-7x at 16-256
-MAX_ROWS = {"avx512": {torch.bfloat16: 8}, "avx2": {torch.float32: 16, torch.bfloat16: 64}}
+MAX_ROWS = {"amx": {torch.bfloat16: 8}, "avx512": {torch.bfloat16: 8}, "avx2": {torch.float32: 16, torch.bfloat16: 64}}
 _state: dict[str, object] = {"loaded": None, "isa": None}  # loaded None: not tried yet; then True or False
 
 
@@ -64,7 +68,7 @@ def cpu_info() -> tuple[str | None, frozenset[str]]:
 def cpu_isa() -> str | None:
     """The best instruction set of ISAS this (Linux, x86-64) CPU executes, from /proc/cpuinfo's flags."""
     flags = cpu_info()[1]
-    return next((isa for isa, (needs, _) in ISAS.items() if needs <= flags), None)
+    return next((isa for isa, (needs, _, _) in ISAS.items() if needs <= flags), None)
 
 
 def _build_command(out: Path, isa: str) -> list[str]:
@@ -73,7 +77,8 @@ def _build_command(out: Path, isa: str) -> list[str]:
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     libdirs = [arg for p in cpp_extension.library_paths() for arg in (f"-L{p}", f"-Wl,-rpath,{p}")]
     return [cxx, "-O3", "-shared", "-fPIC", "-std=c++20", "-fopenmp", *ISAS[isa][1],
-            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *includes, str(SOURCE),
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *includes,
+            *(str(CSRC / name) for name in ISAS[isa][2]),
             "-o", str(out), *libdirs, "-lc10", "-ltorch_cpu", "-ltorch", "-lgomp"]
 
 
@@ -86,7 +91,7 @@ def cache_root() -> Path:
 
 def library_path(isa: str) -> Path:
     """Where the built library is kept: named by the hash of its source, build flags and torch version."""
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256(b"".join((CSRC / name).read_bytes() for name in ISAS[isa][2]))
     h.update(" ".join([torch.__version__, *ISAS[isa][1]]).encode())
     return cache_root() / "native" / f"gemv-{isa}-{h.hexdigest()[:16]}.so"
 
@@ -98,17 +103,26 @@ def _build(path: Path, isa: str) -> None:
     run = subprocess.run(_build_command(tmp, isa), capture_output=True, text=True, timeout=600)
     if run.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"compiling {SOURCE.name} failed:\n{run.stderr[-2000:]}")
+        raise RuntimeError(f"compiling {', '.join(ISAS[isa][2])} failed:\n{run.stderr[-2000:]}")
     os.replace(tmp, path)  # atomic: a concurrent or killed build never leaves a partial library
+
+
+def _candidates() -> list[str]:
+    """The instruction sets to try, best first: cpu_isa() and the lesser ones this CPU also runs."""
+    first, names = cpu_isa(), list(ISAS)
+    if first is None:
+        return []
+    return [isa for isa in names[names.index(first):] if isa == first or ISAS[isa][0] <= cpu_info()[1]]
 
 
 def available() -> bool:
     """Whether the smoe_native ops are loaded (building them on the first call); False, and the torch
-    code is used, on CPUs with neither ISAS, with SMOE_NATIVE=0, or if the build fails (warned once)."""
+    code is used, on CPUs with none of ISAS, with SMOE_NATIVE=0, or if no build works (warned once). A build
+    that fails falls back to the next instruction set (amx -> avx512)."""
     if _state["loaded"] is None:
         _state["loaded"] = False
-        isa = cpu_isa()
-        if os.environ.get("SMOE_NATIVE", "1") != "0" and isa is not None:
+        errors = []
+        for isa in _candidates() if os.environ.get("SMOE_NATIVE", "1") != "0" else []:
             try:
                 path = library_path(isa)
                 if not path.exists():
@@ -116,9 +130,13 @@ def available() -> bool:
                 torch.ops.load_library(str(path))
                 _register_fakes()
                 _state["loaded"], _state["isa"] = True, isa
-            except Exception as err:  # no compiler, no headers, a full disk: keep the torch code
-                warnings.warn(f"smoe's CPU kernels are unavailable ({type(err).__name__}: {str(err)[:500]}); "
-                              f"using torch's code", stacklevel=2)
+                break
+            except Exception as err:  # no compiler, no headers, a full disk: the next build, or torch's code
+                errors.append(f"{isa}: {type(err).__name__}: {str(err)[:500]}")
+        if errors and not _state["loaded"]:
+            warnings.warn(f"smoe's CPU kernels are unavailable ({'; '.join(errors)}); using torch's code", stacklevel=2)
+        elif errors:
+            log.warning("smoe's CPU kernels: built for %s instead (%s)", _state["isa"], "; ".join(errors))
     return bool(_state["loaded"])
 
 
@@ -169,6 +187,18 @@ def serves(x: torch.Tensor, w: torch.Tensor) -> bool:
     that max_rows serves, no gradient, kernels available."""
     return (w.dtype == x.dtype and x.device.type == "cpu" and w.device.type == "cpu"
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and max_rows(x.dtype) > 0)
+
+
+def amx() -> bool:
+    """Whether smoe's fused MoE on AMX tiles (csrc/amx_moe.cpp, `amx_moe`) is loaded: CPUs with AMX-BF16."""
+    return _loaded() and _state["isa"] == "amx"
+
+
+def amx_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
+            experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+    """The bf16 MoE experts (N, D) in one op on AMX tiles: weights read in place, the gather, SwiGLU, router
+    weight and scatter-add fused into the two products (D and H multiples of 32; inference only)."""
+    return torch.ops.smoe_native.amx_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
 
 
 def gemv(x: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:

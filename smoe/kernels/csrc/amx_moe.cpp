@@ -1,0 +1,356 @@
+// The MoE experts of bf16 inference on CPUs with AMX (Sapphire Rapids and later), in one op that
+// smoe.kernels.native builds into its library for the "amx" instruction set:
+//
+//   smoe_native::amx_moe(x (N, D), w1 (E, H, D), w2 (E, D, H), w3 (E, H, D), experts (N, K), weights (N, K) fp32)
+//     -> (N, D) bf16: out[n] = sum_k weights[n, k] * w2[e] (silu(w1[e] x[n]) * (w3[e] x[n])), e = experts[n, k]
+//
+// An AMX tile multiply C (16 x 16 fp32) += A (16 x 32 bf16) B (32 x 16 bf16, stored as 16 rows of 16 pairs)
+// takes A's rows as they lie in memory. So the weights are the A side, read in place (16 weight rows of 32
+// elements per tile), and the tokens the B side: no weight is ever copied or repacked (oneDNN repacks every
+// weight per call, which at 128 rows per expert costs 1.6x the product), and C holds (w x)^T.
+// Per expert, its token-slots in blocks of up to block_tokens, and the hidden dimension in chunks of kHidden:
+//   1. the block's rows of x are gathered straight into B tiles (each pair of a row's elements one column);
+//   2. up: tiles of w1 and w3 against the tokens; silu(a1) * a3 in fp32, rounded once to bf16, is written
+//      straight into the B tiles of the down product (nothing S x H leaves the cache);
+//   3. down: tiles of w2 against that chunk of h; each token's column, times its router weight, is added into
+//      an fp32 accumulator row of its token (a chunk's partial sums add like the whole).
+// The intra-op threads split the up product by hidden rows and the down product by output columns, so no two
+// threads write the same place. The sums are fp32 throughout; the output is rounded once.
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if !defined(__AMX_BF16__) || !defined(__AVX512BF16__)
+#error "amx_moe.cpp is built with -mamx-tile -mamx-bf16 and the avx512 flags"
+#endif
+
+namespace {
+
+using bf16 = at::BFloat16;
+constexpr int64_t kHidden = 1024;  // hidden units per chunk: its h tiles (block_tokens x 1024 bf16) stay in L2
+constexpr int64_t kTileBytes = 1024;  // 16 rows of 64 bytes
+constexpr int64_t kTileElems = kTileBytes / 2;
+constexpr int64_t kPassChunks = 8;  // 32-element chunks of the reduced dimension per pass over the token tiles
+
+struct TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+// tiles 0-3: C (fp32 sums); 4, 5: A (weight rows); 6, 7: B (tokens). Tile state is per thread.
+void configure_tiles() {
+    TileConfig c;
+    for (int i = 0; i < 8; i++) {
+        c.colsb[i] = 64;
+        c.rows[i] = 16;
+    }
+    _tile_loadconfig(&c);
+}
+
+// Linux hands out the AMX tile registers only on request, once per process
+bool amx_permitted() {
+    static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return ok;
+}
+
+// exp(x) in fp32 (Cephes' expf polynomial, about 1 ulp), 16 lanes
+inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+// silu(a1) * a3 = a1 a3 / (1 + exp(-a1)); the reciprocal by rcp14 and one Newton step (vdivps would take 16 cycles)
+inline __m512 swiglu16(__m512 a1, __m512 a3) {
+    const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), a1)));
+    __m512 r = _mm512_rcp14_ps(d);
+    r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
+    return _mm512_mul_ps(_mm512_mul_ps(a1, a3), r);
+}
+
+// r[i][j] -> r[j][i] for a 16 x 16 fp32 block held in 16 vectors
+inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    }
+    // r[4a + b] now holds, in each 128-bit lane L, element b of rows 4a..4a+3 of columns 4L..4L+3
+    for (int b = 0; b < 4; b++) {
+        t[b] = _mm512_shuffle_f32x4(r[b], r[4 + b], 0x88);        // lanes 0, 2 of rows 0-3 and 4-7
+        t[4 + b] = _mm512_shuffle_f32x4(r[b], r[4 + b], 0xdd);    // lanes 1, 3
+        t[8 + b] = _mm512_shuffle_f32x4(r[8 + b], r[12 + b], 0x88);
+        t[12 + b] = _mm512_shuffle_f32x4(r[8 + b], r[12 + b], 0xdd);
+    }
+    for (int b = 0; b < 4; b++) {
+        r[b] = _mm512_shuffle_f32x4(t[b], t[8 + b], 0x88);             // column lane 0
+        r[8 + b] = _mm512_shuffle_f32x4(t[b], t[8 + b], 0xdd);         // column lane 2
+        r[4 + b] = _mm512_shuffle_f32x4(t[4 + b], t[12 + b], 0x88);    // column lane 1
+        r[12 + b] = _mm512_shuffle_f32x4(t[4 + b], t[12 + b], 0xdd);   // column lane 3
+    }
+}
+
+// rows x[token[s]] for s < n as B tiles, token tile mt and 32-element chunk c at dst + (mt * C + c) * 512:
+// row q of a tile holds, for each of its 16 tokens, elements 2q and 2q + 1 of the chunk; padding tokens are 0
+void gather_b_tiles(const bf16* x, int64_t D, const int64_t* token, int64_t n, int64_t tiles, bf16* dst) {
+    const int64_t C = D / 32;
+    auto* out = reinterpret_cast<uint32_t*>(dst);
+    std::memset(out, 0, tiles * C * kTileBytes);
+    for (int64_t s = 0; s < n; s++) {
+        const auto* row = reinterpret_cast<const uint32_t*>(x + token[s] * D);
+        uint32_t* tile = out + (s / 16) * C * 256 + (s % 16);
+        for (int64_t c = 0; c < C; c++)
+            for (int q = 0; q < 16; q++) tile[c * 256 + q * 16] = row[c * 16 + q];
+    }
+}
+
+// The next A block's lines (two sets of 16 rows, `bytes` of each, lda bytes apart) fetched into L2 a few at a time
+// over the current block's tile products: AMX tile loads stall on memory, and rows this short (a 1 KB row of a
+// 512-wide weight) never wake the hardware prefetcher up
+struct NextRows {
+    const char* a0 = nullptr;
+    const char* a1 = nullptr;
+    int64_t lda = 0, bytes = 0, per_step = 0, line = 0;
+
+    NextRows() = default;
+    NextRows(const bf16* n0, const bf16* n1, int64_t lda_bytes, int64_t row_bytes, int64_t steps)
+        : a0(reinterpret_cast<const char*>(n0)), a1(reinterpret_cast<const char*>(n1)), lda(lda_bytes),
+          bytes(row_bytes), per_step((16 * row_bytes / 64 + steps - 1) / std::max<int64_t>(steps, 1)) {}
+
+    inline void step() {
+        for (int64_t i = 0; i < per_step && a0 != nullptr; i++, line++) {
+            const int64_t row = line / (bytes / 64), at = row * lda + line % (bytes / 64) * 64;
+            if (row >= 16) {
+                a0 = nullptr;
+                break;
+            }
+            _mm_prefetch(a0 + at, _MM_HINT_T1);
+            _mm_prefetch(a1 + at, _MM_HINT_T1);
+        }
+    }
+};
+
+// C tiles 0-3 (kept at c as [A0 B0, A0 B1, A1 B0, A1 B1], 256 fp32 each; zeroed if first) += A0, A1 (16 rows each at
+// a0, a1, lda bytes apart) times B tiles b0, b1 over `chunks` 32-element chunks; without kTwo there is no B1
+template <bool kTwo>
+inline void tile_block(const bf16* a0, const bf16* a1, int64_t lda, const bf16* b0, const bf16* b1, int64_t chunks,
+                       float* c, bool first, NextRows& next) {
+    if (first) {
+        _tile_zero(0);
+        _tile_zero(2);
+        if (kTwo) {
+            _tile_zero(1);
+            _tile_zero(3);
+        }
+    } else {
+        _tile_loadd(0, c, 64);
+        _tile_loadd(2, c + 512, 64);
+        if (kTwo) {
+            _tile_loadd(1, c + 256, 64);
+            _tile_loadd(3, c + 768, 64);
+        }
+    }
+    for (int64_t k = 0; k < chunks; k++) {
+        next.step();
+        _tile_loadd(4, a0 + k * 32, lda);
+        _tile_loadd(5, a1 + k * 32, lda);
+        _tile_loadd(6, b0 + k * kTileElems, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(2, 5, 6);
+        if (kTwo) {
+            _tile_loadd(7, b1 + k * kTileElems, 64);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    _tile_stored(0, c, 64);
+    _tile_stored(2, c + 512, 64);
+    if (kTwo) {
+        _tile_stored(1, c + 256, 64);
+        _tile_stored(3, c + 768, 64);
+    }
+}
+
+// A (rows at a0 and a1, lda elements apart, `chunks` chunks long) times the B tiles of `tiles` token tiles (b: token
+// tile t's chunk k at b + (t * bchunks + k) * 512) into c (1024 fp32 per pair of token tiles), the reduced dimension
+// in passes of kPassChunks: one pass's A (32 rows x 512 bytes) stays in L1 across the token tiles. The next A
+// (rows at n0 and n1, or none) is fetched meanwhile.
+void tile_rows(const bf16* a0, const bf16* a1, int64_t lda, int64_t chunks, const bf16* b, int64_t bchunks,
+               int64_t tiles, float* c, const bf16* n0, const bf16* n1) {
+    NextRows next;
+    if (n0 != nullptr) next = NextRows(n0, n1, lda * 2, chunks * 64, (tiles + 1) / 2 * chunks);
+    for (int64_t k0 = 0; k0 < chunks; k0 += kPassChunks) {
+        const int64_t kn = std::min(kPassChunks, chunks - k0);
+        for (int64_t t = 0; t < tiles; t += 2) {
+            const bf16* b0 = b + (t * bchunks + k0) * kTileElems;
+            if (t + 1 < tiles)
+                tile_block<true>(a0 + k0 * 32, a1 + k0 * 32, lda * 2, b0, b0 + bchunks * kTileElems, kn,
+                                 c + t / 2 * 1024, k0 == 0, next);
+            else
+                tile_block<false>(a0 + k0 * 32, a1 + k0 * 32, lda * 2, b0, nullptr, kn, c + t / 2 * 1024, k0 == 0,
+                                  next);
+        }
+    }
+}
+
+// silu(a1) * a3 of hidden tile hr (of this chunk) for `tiles` token tiles, from c as tile_rows left it (A0 = w1,
+// A1 = w3), into the B tiles of the down product: rows 2q and 2q + 1 of h^T interleaved token by token make row
+// 8 (hr % 2) + q of chunk hr / 2's tile
+void swiglu_to_b_tiles(const float* c, int64_t tiles, bf16* hb, int64_t hchunks, int64_t hr) {
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int64_t t = 0; t < tiles; t++) {
+        const float* a1 = c + t / 2 * 1024 + (t % 2) * 256;
+        const float* a3 = a1 + 512;
+        bf16* tile = hb + (t * hchunks + hr / 2) * kTileElems + (hr % 2) * 8 * 32;
+        for (int q = 0; q < 8; q++) {
+            const __m512 even = swiglu16(_mm512_loadu_ps(a1 + 32 * q), _mm512_loadu_ps(a3 + 32 * q));
+            const __m512 odd = swiglu16(_mm512_loadu_ps(a1 + 32 * q + 16), _mm512_loadu_ps(a3 + 32 * q + 16));
+            const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(odd, even);  // [even 0..15, odd 0..15]
+            _mm512_storeu_si512(tile + q * 32, _mm512_permutexvar_epi16(interleave, packed));
+        }
+    }
+}
+
+// y^T tiles of output columns d0.. (A0) and d0 + 16.. (A1) for `n` slots, from c as tile_rows left it: each
+// slot's 16-column pieces times its router weight added into acc[token] (D columns)
+void add_to_rows(const float* c, int64_t n, const int64_t* token, const float* weight, float* acc, int64_t D,
+                 int64_t d0) {
+    for (int64_t t = 0; t * 16 < n; t++)
+        for (int v = 0; v < 2; v++) {
+            const float* tile = c + t / 2 * 1024 + v * 512 + (t % 2) * 256;
+            __m512 r[16];
+            for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(tile + 16 * i);
+            transpose16(r);  // r[j]: slot 16 t + j's 16 outputs
+            for (int j = 0; j < 16 && t * 16 + j < n; j++) {
+                const int64_t slot = t * 16 + j;
+                float* out = acc + token[slot] * D + d0 + v * 16;
+                _mm512_storeu_ps(out, _mm512_fmadd_ps(r[j], _mm512_set1_ps(weight[slot]), _mm512_loadu_ps(out)));
+            }
+        }
+}
+
+at::Tensor amx_moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3,
+                   const at::Tensor& experts, const at::Tensor& weights) {
+    TORCH_CHECK(x.device().is_cpu() && w1.device().is_cpu() && w2.device().is_cpu() && w3.device().is_cpu(),
+                "smoe_native::amx_moe: CPU tensors only");
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w1.scalar_type() == at::kBFloat16 &&
+                    w2.scalar_type() == at::kBFloat16 && w3.scalar_type() == at::kBFloat16,
+                "smoe_native::amx_moe: x and the expert weights must be bfloat16");
+    TORCH_CHECK(x.dim() == 2 && w1.dim() == 3 && w1.sizes() == w3.sizes() && w2.dim() == 3 &&
+                    w2.size(0) == w1.size(0) && w2.size(1) == w1.size(2) && w2.size(2) == w1.size(1) &&
+                    x.size(1) == w1.size(2),
+                "smoe_native::amx_moe: x (N, D), w1 and w3 (E, H, D), w2 (E, D, H), got ", x.sizes(), ", ",
+                w1.sizes(), ", ", w2.sizes(), ", ", w3.sizes());
+    TORCH_CHECK(experts.dim() == 2 && experts.sizes() == weights.sizes() && experts.size(0) == x.size(0),
+                "smoe_native::amx_moe: experts and weights (N, K), got ", experts.sizes(), " and ", weights.sizes());
+    const int64_t N = x.size(0), D = x.size(1), E = w1.size(0), H = w1.size(1), K = experts.size(1);
+    TORCH_CHECK(D % 32 == 0 && H % 32 == 0, "smoe_native::amx_moe: dim and hidden dim must be multiples of 32, got ",
+                D, " and ", H);
+    TORCH_CHECK(amx_permitted(), "smoe_native::amx_moe: the kernel refused the AMX tile registers");
+    auto xc = x.contiguous();
+    auto w1c = w1.contiguous(), w2c = w2.contiguous(), w3c = w3.contiguous();
+    auto ec = experts.to(at::kLong).contiguous();
+    auto wc = weights.to(at::kFloat).contiguous();
+    const int64_t* e = ec.const_data_ptr<int64_t>();
+    const float* wt = wc.const_data_ptr<float>();
+
+    // the slots of each expert together (a counting sort), with their token and router weight
+    std::vector<int64_t> start(E + 1, 0);
+    for (int64_t s = 0; s < N * K; s++) {
+        TORCH_CHECK_VALUE(e[s] >= 0 && e[s] < E, "smoe_native::amx_moe: expert index ", e[s], " out of range [0, ",
+                          E, ")");
+        start[e[s] + 1]++;
+    }
+    for (int64_t i = 0; i < E; i++) start[i + 1] += start[i];
+    std::vector<int64_t> token(N * K), fill(start.begin(), start.end() - 1);
+    std::vector<float> weight(N * K);
+    for (int64_t s = 0; s < N * K; s++) {
+        const int64_t at = fill[e[s]]++;
+        token[at] = s / K;
+        weight[at] = wt[s];
+    }
+
+    // token blocks whose gathered rows take at most 512 KB, 32-256 tokens
+    const int64_t block_tokens = std::clamp<int64_t>((512 * 1024 / (2 * D)) / 32 * 32, 32, 256);
+    const int64_t max_hidden = std::min(H, kHidden), tiles_max = block_tokens / 16;
+    std::vector<bf16> xb(block_tokens / 16 * (D / 32) * kTileElems);
+    std::vector<bf16> hb(block_tokens / 16 * (max_hidden / 32) * kTileElems);
+    auto acc = at::zeros({N, D}, xc.options().dtype(at::kFloat));
+    float* accp = acc.mutable_data_ptr<float>();
+    const bf16* xp = xc.const_data_ptr<bf16>();
+
+    for (int64_t ex = 0; ex < E; ex++) {
+        const bf16* w1e = w1c.const_data_ptr<bf16>() + ex * H * D;
+        const bf16* w3e = w3c.const_data_ptr<bf16>() + ex * H * D;
+        const bf16* w2e = w2c.const_data_ptr<bf16>() + ex * D * H;
+        for (int64_t b0 = start[ex]; b0 < start[ex + 1]; b0 += block_tokens) {
+            const int64_t n = std::min(block_tokens, start[ex + 1] - b0);
+            const int64_t tiles = (n + 15) / 16;
+            const int64_t* tok = token.data() + b0;
+            const float* wgt = weight.data() + b0;
+            gather_b_tiles(xp, D, tok, n, tiles, xb.data());
+            for (int64_t h0 = 0; h0 < H; h0 += kHidden) {
+                const int64_t hchunks = std::min(kHidden, H - h0) / 32;
+                at::parallel_for(h0 / 16, h0 / 16 + hchunks * 2, 4, [&](int64_t t0, int64_t t1) {
+                    std::vector<float> c(tiles_max / 2 * 1024 + 1024);
+                    configure_tiles();
+                    for (int64_t ht = t0; ht < t1; ht++) {
+                        const bool more = ht + 1 < t1;
+                        tile_rows(w1e + ht * 16 * D, w3e + ht * 16 * D, D, D / 32, xb.data(), D / 32, tiles, c.data(),
+                                  more ? w1e + (ht + 1) * 16 * D : nullptr, w3e + (ht + 1) * 16 * D);
+                        swiglu_to_b_tiles(c.data(), tiles, hb.data(), hchunks, ht - h0 / 16);
+                    }
+                    _tile_release();
+                });
+                at::parallel_for(0, D / 32, 2, [&](int64_t p0, int64_t p1) {
+                    std::vector<float> c(tiles_max / 2 * 1024 + 1024);
+                    configure_tiles();
+                    for (int64_t dp = p0; dp < p1; dp++) {
+                        const bf16* a0 = w2e + dp * 32 * H + h0;
+                        tile_rows(a0, a0 + 16 * H, H, hchunks, hb.data(), hchunks, tiles, c.data(),
+                                  dp + 1 < p1 ? a0 + 32 * H : nullptr, a0 + 48 * H);
+                        add_to_rows(c.data(), n, tok, wgt, accp, D, dp * 32);
+                    }
+                    _tile_release();
+                });
+            }
+        }
+    }
+    return acc.to(at::kBFloat16);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(smoe_native, m) {
+    m.def("amx_moe(Tensor x, Tensor w1, Tensor w2, Tensor w3, Tensor experts, Tensor weights) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(smoe_native, CPU, m) { m.impl("amx_moe", &amx_moe); }

@@ -1,0 +1,100 @@
+"""smoe's fused MoE on AMX tiles (native.amx_moe, csrc/amx_moe.cpp): against float64 and the naive bf16 loop
+over routings and shapes (empty experts, one expert taking every slot, several token blocks and hidden chunks),
+where grouped_moe takes it, and bad inputs. Runs on CPUs with AMX-BF16 (Sapphire Rapids and later); elsewhere
+only the build is checked (test_native.py builds every instruction set)."""
+
+from __future__ import annotations
+
+import unittest.mock
+
+import pytest
+import torch
+
+from smoe.kernels import grouped as G
+from smoe.kernels import native
+from smoe.kernels.naive import naive_moe
+
+
+@pytest.fixture(autouse=True)
+def amx_kernel():
+    if not native.amx():
+        pytest.skip("needs a CPU with AMX-BF16 and a C++ compiler that builds for it")
+
+
+def make(N, D, H, E, K, seed=0, skew=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g).bfloat16()
+    w1, w3 = ((torch.randn(E, H, D, generator=g) / D**0.5).bfloat16() for _ in range(2))
+    w2 = (torch.randn(E, D, H, generator=g) / H**0.5).bfloat16()
+    experts = (torch.arange(K).expand(N, K).clone() if skew
+               else torch.rand(N, E, generator=g).topk(K, -1).indices)
+    weights = torch.softmax(torch.randn(N, K, generator=g), -1)
+    return x, w1, w2, w3, experts, weights
+
+
+@pytest.mark.parametrize("N,D,H,E,K,skew", [
+    (1, 32, 32, 8, 2, False),      # one token: most experts empty
+    (17, 64, 96, 8, 2, False),     # token tiles of 16 with a remainder
+    (40, 64, 96, 4, 4, False),     # top-4
+    (33, 32, 64, 8, 1, False),     # top-1
+    (300, 64, 96, 8, 2, True),     # two experts take every slot: blocks of 256 tokens and a remainder
+    (24, 128, 2080, 3, 2, False),  # hidden dim in chunks of 1024 and a remainder of 32
+])
+def test_within_the_naive_loops_bf16_error(N, D, H, E, K, skew):
+    # The op sums bf16 products in fp32, rounds h = silu(a1) * a3 once to bf16 and the output once; the naive loop
+    # rounds a1, a3, silu, h, each expert's output and the running sum. Bound: the naive loop's own error against
+    # float64, plus one bf16 rounding of the output's scale.
+    x, w1, w2, w3, experts, weights = args = make(N, D, H, E, K, seed=N + H, skew=skew)
+    y = native.amx_moe(*args)
+    assert y.shape == (N, D) and y.dtype == torch.bfloat16
+    ref = naive_moe(*(t.double() for t in (x, w1, w2, w3)), experts, weights.double())
+    naive_err = (naive_moe(x, w1, w2, w3, experts, weights.bfloat16()).double() - ref).abs().max()
+    assert (y.double() - ref).abs().max() <= naive_err + 2**-8 * ref.abs().max()
+    # a token's output does not depend on the other tokens computed with it
+    assert torch.equal(y[-1:], native.amx_moe(x[-1:], w1, w2, w3, experts[-1:], weights[-1:]))
+
+
+def test_float64_formula_with_h_rounded_once():
+    # the same computation in float64, h rounded to bf16 where the op rounds it: equal to within the fp32 sums
+    # (and the odd h that such a difference rounds the other way) and the one rounding of the output
+    x, w1, w2, w3, experts, weights = make(50, 64, 128, 4, 2, seed=7)
+    y = native.amx_moe(x, w1, w2, w3, experts, weights).double()
+    ref = torch.zeros(50, 64, dtype=torch.float64)
+    for n in range(50):
+        for k in range(2):
+            e = experts[n, k]
+            a1, a3 = w1[e].double() @ x[n].double(), w3[e].double() @ x[n].double()
+            h = (torch.nn.functional.silu(a1) * a3).bfloat16().double()
+            ref[n] += weights[n, k].double() * (w2[e].double() @ h)
+    scale = ref.abs().max()
+    assert (y - ref).abs().max() <= 2**-8 * scale
+    assert (y - ref).abs().mean() <= 2**-11 * scale
+
+
+def test_grouped_takes_it_from_two_slots_per_expert_in_inference_only():
+    x, w1, w2, w3, experts, weights = make(8, 64, 96, 8, 2)  # 16 slots = 2 per expert
+    with unittest.mock.patch.object(native, "amx_moe", wraps=native.amx_moe) as op:
+        with torch.no_grad():
+            G.grouped_moe(x, w1, w2, w3, experts, weights)
+            assert op.call_count == 1
+            G.grouped_moe(x[:7], w1, w2, w3, experts[:7], weights[:7])  # 14 slots: native_moe
+            assert op.call_count == 1
+            G.grouped_moe(x.float(), w1.float(), w2.float(), w3.float(), experts, weights)  # fp32: not AMX
+            odd = make(8, 48, 96, 8, 2)  # dim not a multiple of 32
+            G.grouped_moe(*odd)
+            assert op.call_count == 1
+        xg = x.clone().requires_grad_()
+        G.grouped_moe(xg, w1, w2, w3, experts, weights).float().sum().backward()  # training: the segment path
+        assert op.call_count == 1 and xg.grad is not None
+
+
+def test_bad_inputs_are_named():
+    x, w1, w2, w3, experts, weights = make(4, 64, 96, 4, 2)
+    with pytest.raises(ValueError, match=r"expert index 4 out of range \[0, 4\)"):
+        native.amx_moe(x, w1, w2, w3, experts + 2, weights)
+    with pytest.raises(RuntimeError, match="must be bfloat16"):
+        native.amx_moe(x.float(), w1, w2, w3, experts, weights)
+    with pytest.raises(RuntimeError, match="multiples of 32, got 48 and 96"):
+        native.amx_moe(x[:, :48], w1[..., :48], w2[:, :48], w3[..., :48], experts, weights)
+    with pytest.raises(RuntimeError, match=r"w2 \(E, D, H\)"):
+        native.amx_moe(x, w1, w2.transpose(1, 2), w3, experts, weights)
