@@ -132,6 +132,34 @@ def segment_wgrad(a_SO: torch.Tensor, b_SI: torch.Tensor, segs: list[tuple[int, 
     return out_EOI
 
 
+def swiglu(a1_SH: torch.Tensor, a3_SH: torch.Tensor, out_SH: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(a1) * a3 into out (a new tensor if None; may be a1 itself): smoe's one-pass kernel where it loads
+    (native.swiglu), else torch's two passes."""
+    if native.swiglu_serves(a1_SH, a3_SH) and (out_SH is None or native.swiglu_serves(out_SH)):
+        return native.swiglu(a1_SH, a3_SH, torch.empty_like(a1_SH) if out_SH is None else out_SH)
+    if out_SH is a1_SH:
+        return F.silu(a1_SH, inplace=True).mul_(a3_SH)
+    return torch.mul(F.silu(a1_SH), a3_SH, out=out_SH)
+
+
+def swiglu_backward(dh_SH: torch.Tensor, a1_SH: torch.Tensor, a3_SH: torch.Tensor, w_S: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The expert hidden's backward for outputs w[s] h[s], h = silu(a1) * a3, given dh = dL/d(w h): (dL/da1, dL/da3,
+    w h in a1's dtype; dL/dw), dh's memory reused. One pass by smoe's kernel where it loads, else torch's."""
+    w_S = w_S.to(a1_SH.dtype)
+    if native.swiglu_serves(dh_SH, a1_SH, a3_SH, w_S):
+        return native.swiglu_backward(dh_SH, a1_SH, a3_SH, w_S)
+    # elementwise passes over S x H are what costs beyond the matmuls (bf16 ones especially): keep them few
+    silu_SH = F.silu(a1_SH)
+    hw_SH = silu_SH * a3_SH  # unweighted expert hidden, weighted below
+    dw_S = torch.linalg.vecdot(dh_SH, hw_SH)
+    hw_SH.mul_(w_S[:, None])
+    dh_SH.mul_(w_S[:, None])  # dL/dh
+    da3_SH = silu_SH.mul_(dh_SH)
+    da1_SH = torch.ops.aten.silu_backward(dh_SH.mul_(a3_SH), a1_SH)
+    return da1_SH, da3_SH, hw_SH, dw_S
+
+
 def _forward_per_expert(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segs):
     """Inference on many slots: each expert gathers, runs and scatter-adds its own rows in turn, so its
     S_e x H intermediates stay in cache and no product is copied into a shared S-row buffer."""
@@ -139,7 +167,8 @@ def _forward_per_expert(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segs):
     for e, lo, hi in segs:
         tok = token_S[lo:hi]
         x_RD = x_ND.index_select(0, tok)
-        h_RH = F.silu(linear(x_RD, w1_EHD[e]), inplace=True).mul_(linear(x_RD, w3_EHD[e]))
+        a1_RH = linear(x_RD, w1_EHD[e])
+        h_RH = swiglu(a1_RH, linear(x_RD, w3_EHD[e]), out_SH=a1_RH)
         out_ND.index_add_(0, tok, linear(h_RH, w2_EDH[e]).mul_(w_S[lo:hi, None]))
     return out_ND
 
@@ -151,10 +180,7 @@ def _forward(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segs, keep: bool):
     x_SD = x_ND.index_select(0, token_S)
     a1_SH = segment_mm(x_SD, w1_EHD, segs)
     a3_SH = segment_mm(x_SD, w3_EHD, segs)
-    if keep:
-        h_SH = F.silu(a1_SH) * a3_SH
-    else:
-        h_SH = F.silu(a1_SH, inplace=True).mul_(a3_SH)
+    h_SH = swiglu(a1_SH, a3_SH, out_SH=None if keep else a1_SH)
     # the router weight goes on the narrower side of w2, (w h) W2^T = w (h W2^T): one pass over fewer elements
     weight_after = w2_EDH.shape[1] < w2_EDH.shape[2]  # D < H, as in every Mixtral
     if not weight_after:
@@ -192,19 +218,13 @@ class GroupedMoE(torch.autograd.Function):
         g_ND, x_ND, w_S, a1_SH, a3_SH = (t.to(ct) for t in (g_ND, x_ND, w_S, a1_SH, a3_SH))
         need_x, need_w1, need_w2, need_w3, need_weights = ctx.needs_input_grad[:5]
         g_SD = g_ND.contiguous().index_select(0, token_S)
-        # elementwise passes over S x H are what costs beyond the matmuls (bf16 ones especially): keep them few
-        silu_SH = F.silu(a1_SH)
-        h_SH = silu_SH * a3_SH  # unweighted expert hidden
         dh_SH = segment_mm_t(g_SD, w2_EDH, segs)  # dL/d(w h): [S, D] @ [D, H]
+        da1_SH, da3_SH, hw_SH, dw_S = swiglu_backward(dh_SH, a1_SH, a3_SH, w_S)
         d_weights = None
         if need_weights:
-            dw_S = torch.linalg.vecdot(dh_SH, h_SH)
             d_weights = torch.empty_like(dw_S).index_copy_(0, order_S, dw_S)
             d_weights = d_weights.view(ctx.weights_shape).to(ctx.weights_dtype)
-        d_w2 = segment_wgrad(g_SD, h_SH.mul_(w_S[:, None]), segs, E, w_dtype) if need_w2 else None
-        dh_SH.mul_(w_S[:, None])  # dL/dh
-        da3_SH = silu_SH.mul_(dh_SH)
-        da1_SH = torch.ops.aten.silu_backward(dh_SH.mul_(a3_SH), a1_SH)
+        d_w2 = segment_wgrad(g_SD, hw_SH, segs, E, w_dtype) if need_w2 else None
         x_SD = x_ND.index_select(0, token_S)
         d_w1 = segment_wgrad(da1_SH, x_SD, segs, E, w_dtype) if need_w1 else None
         d_w3 = segment_wgrad(da3_SH, x_SD, segs, E, w_dtype) if need_w3 else None

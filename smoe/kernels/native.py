@@ -33,9 +33,9 @@ AVX512_NEEDS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
 # instruction set -> (the /proc/cpuinfo flags it needs, the compiler's flags, the sources), best first; "amx" is
 # "avx512" plus the fused MoE of csrc/amx_moe.cpp on AMX tiles
 ISAS = {"amx": (AVX512_NEEDS | {"amx_tile", "amx_bf16"}, [*AVX512_FLAGS, "-mamx-tile", "-mamx-bf16"],
-                ["gemv.cpp", "amx_moe.cpp"]),
-        "avx512": (AVX512_NEEDS, AVX512_FLAGS, ["gemv.cpp"]),
-        "avx2": ({"avx2", "fma"}, ["-mavx2", "-mfma"], ["gemv.cpp"])}
+                ["gemv.cpp", "swiglu.cpp", "amx_moe.cpp"]),
+        "avx512": (AVX512_NEEDS, AVX512_FLAGS, ["gemv.cpp", "swiglu.cpp"]),
+        "avx2": ({"avx2", "fma"}, ["-mavx2", "-mfma"], ["gemv.cpp", "swiglu.cpp"])}
 # products of up to this many rows of x go through the kernels, by instruction set and dtype: where they
 # measured faster than torch's paths (benchmarks/linear.py, 1 thread, weights from memory). avx512, Zen 4:
 # bf16 1.6-2.9x at 1-2 rows, 0.87-1.74x at 8, alike at 16-32 (fp32 not measured there: torch's code).
@@ -202,6 +202,29 @@ def amx_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_E
     """The bf16 MoE experts (N, D) in one op on AMX tiles: weights read in place, the gather, SwiGLU, router
     weight and scatter-add fused into the two products (D and H multiples of 32; inference only)."""
     return torch.ops.smoe_native.amx_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
+
+
+def swiglu_serves(*tensors: torch.Tensor) -> bool:
+    """Whether the one-pass SwiGLU kernels (csrc/swiglu.cpp) take these tensors: contiguous CPU float32 or bfloat16
+    tensors of one dtype, outside torch.compile, where the kernels load."""
+    t0 = tensors[0]
+    return (t0.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling() and _loaded()
+            and all(t.device.type == "cpu" and t.dtype == t0.dtype and t.is_contiguous() for t in tensors))
+
+
+def swiglu(a1_SH: torch.Tensor, a3_SH: torch.Tensor, out_SH: torch.Tensor) -> torch.Tensor:
+    """out = silu(a1) * a3 in one pass (out may be a1 itself); fp32 math, rounded once."""
+    torch.ops.smoe_native.swiglu(a1_SH, a3_SH, out_SH)
+    return out_SH
+
+
+def swiglu_backward(dh_SH: torch.Tensor, a1_SH: torch.Tensor, a3_SH: torch.Tensor, w_S: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For outputs w[s] * silu(a1) * a3 and dh = dL/d(w h), in one pass: (da1, written over dh; da3; w h; dL/dw as
+    float32)."""
+    da3_SH, hw_SH = torch.empty_like(a1_SH), torch.empty_like(a1_SH)
+    dw_S = torch.ops.smoe_native.swiglu_backward(dh_SH, a1_SH, a3_SH, w_S, da3_SH, hw_SH)
+    return dh_SH, da3_SH, hw_SH, dw_S
 
 
 def gemv(x: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:

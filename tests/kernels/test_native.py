@@ -256,3 +256,48 @@ def test_grouped_inference_takes_the_kernel_within_naive_error(N, skew, dtype, m
     ref = naive_moe(*(t.double() for t in (x, w1, w2, w3)), experts, weights.double())
     naive_err = (naive_moe(*args).double() - ref).abs().max()
     assert (y.double() - ref).abs().max() <= 2 * naive_err + 8 * ROUNDING[dtype] * ref.abs().max()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("S,H", [(1, 1), (3, 17), (40, 96), (7, 1000)])
+def test_swiglu_kernels_against_float64(S, H, dtype):
+    # odd H: the vector loops' tails; the forward in place too (out = a1). fp32 math rounded once per output.
+    g = torch.Generator().manual_seed(S * 1000 + H)
+    a1, a3, dh = (torch.randn(S, H, generator=g).mul(4).to(dtype) for _ in range(3))  # |a1| up to ~16: exp's range
+    w = torch.rand(S, generator=g).to(dtype)
+    x, y, d, ws = (t.double() for t in (a1, a3, dh, w))
+    sig = torch.sigmoid(x)
+    h = x * sig * y
+    tol = 8 * ROUNDING[dtype]
+    out = native.swiglu(a1, a3, torch.empty_like(a1))
+    assert ((out.double() - h).abs() <= tol * h.abs() + 1e-30).all()
+    a1_copy = a1.clone()
+    assert torch.equal(native.swiglu(a1_copy, a3, a1_copy), out)
+    da1, da3, hw, dw = native.swiglu_backward(dh.clone(), a1, a3, w)
+    assert dw.dtype == torch.float32 and dw.shape == (S,)
+    exact = {"da1": ws[:, None] * d * y * sig * (1 + x * (1 - sig)), "da3": ws[:, None] * d * x * sig,
+             "hw": ws[:, None] * h}
+    # silu'(x) = sig (1 + x (1 - sig)) cancels near x = -1.28: da1's bound is relative to its terms' size
+    size = {"da1": (ws[:, None] * d * y).abs() * sig * (1 + x.abs() * (1 - sig)), "da3": exact["da3"].abs(),
+            "hw": exact["hw"].abs()}
+    for name, got in {"da1": da1, "da3": da3, "hw": hw}.items():
+        assert ((got.double() - exact[name]).abs() <= tol * size[name] + 1e-30).all(), name
+    mass = (d * h).abs().sum(1)
+    assert ((dw.double() - (d * h).sum(1)).abs() <= (H + 8) * F32 * mass + 1e-30).all()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grouped_training_with_and_without_the_swiglu_kernels(dtype, monkeypatch):
+    # the one-pass kernels and torch's passes (where the kernels do not load) give the same gradients
+    from smoe.kernels import grouped as G
+    from tests.kernels.test_kernel_backends import make, run_with_grads
+    args = make(60, 32, 48, 8, 2, seed=5, dtype=dtype)
+    y0, g0 = run_with_grads(G.grouped_moe, *args)
+    monkeypatch.setattr(native, "swiglu_serves", lambda *t: False)
+    y1, g1 = run_with_grads(G.grouped_moe, *args)
+    tol = 1e-5 if dtype == torch.float32 else 2**-6
+    assert (y0.double() - y1.double()).abs().max() <= tol * y1.double().abs().max()
+    for a, b in zip(g0, g1):
+        assert (a.double() - b.double()).abs().max() <= tol * b.double().abs().max() + 1e-6
