@@ -38,6 +38,11 @@ PAIR_MIN_OUT, PAIR_MAX_IN = 256, 768
 # other vendors' CPUs: on an Intel Xeon with AMX (1 thread, weights from memory) they took 1.1-2.4x the time
 # of F.linear at 1-4 rows (1536 x 512: 521 vs 216 us at 1 row, 496 vs 210 at 2), so only other CPUs take them
 FEW_ROWS_REWRITES = native.cpu_info()[0] != "GenuineIntel"
+# eager bf16 products of AMX_TRANSPOSED_ROWS rows as (w @ x.T).T on CPUs with AMX (before smoe's kernel, which
+# is slower there from 3 rows), where oneDNN tiles the weight's rows rather than x's few (Xeon with AMX, 1
+# thread, weights from memory: 1536 x 512 at 8 rows 199 vs 273 us, 32000 x 1024 at 4-8 rows 5.6 vs 8.1 ms (the
+# kernel 8.6-11.0); at 64 rows 0.78-0.89x the time; from 256 rows mixed, 0.9-1.25x)
+AMX_TRANSPOSED_ROWS = range(3, 65) if "amx_bf16" in native.cpu_info()[1] else range(0)
 # oneDNN: outputs at least WIDE_MIN_OUT wide (a vocabulary projection) with other row counts up to WIDE_ROWS_MAX;
 # narrower weights of at least ONEDNN_MIN_WEIGHT elements from ONEDNN_ROWS_MIN rows (fewer rows or smaller
 # weights measured alike or mixed). Measured with AVX-512 (Zen 4); on an AVX2 CPU (Zen 3) oneDNN's products
@@ -78,6 +83,11 @@ def _fast_path_ok(x_MI: torch.Tensor, w_OI: torch.Tensor) -> bool:
     return (x_MI.device.type == "cpu" and x_MI.dtype == torch.float32 and w_OI.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x_MI.requires_grad or w_OI.requires_grad))
             and not torch.compiler.is_compiling())
+
+
+def _amx_transposed(M: int, x: torch.Tensor, w_OI: torch.Tensor) -> bool:
+    return (M in AMX_TRANSPOSED_ROWS and x.dtype == w_OI.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and not _records_grad(x, w_OI) and not torch.compiler.is_compiling())
 
 
 def _small_rows(M: int, w_OI: torch.Tensor) -> bool:
@@ -149,6 +159,8 @@ def _native_rows(M: int, x: torch.Tensor, w_OI: torch.Tensor) -> bool:
 def mm_into(x_MI: torch.Tensor, w_OI: torch.Tensor, out_MO: torch.Tensor) -> torch.Tensor:
     """out_MO = x_MI @ w_OI.T, written into out_MO (e.g. rows of a larger buffer)."""
     M = x_MI.shape[0]
+    if _amx_transposed(M, x_MI, w_OI):
+        return out_MO.copy_(torch.mm(w_OI, x_MI.t()).t())
     if _native_rows(M, x_MI, w_OI):
         return out_MO.copy_(native.gemv(x_MI, w_OI))
     if bf16_as_fp32(M, x_MI, w_OI):
@@ -174,6 +186,8 @@ def linear(x: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", enabled=False):
             return linear(x.to(torch.bfloat16), w_OI.to(torch.bfloat16))
     M, O = x.numel() // x.shape[-1], w_OI.shape[0]
+    if _amx_transposed(M, x, w_OI):
+        return torch.mm(w_OI, x.reshape(M, -1).t()).t().contiguous().view(*x.shape[:-1], O)
     if _native_rows(M, x, w_OI):
         return native.gemv(x, w_OI)
     if bf16_as_fp32(M, x, w_OI):

@@ -42,7 +42,10 @@ ISAS = {"amx": (AVX512_NEEDS | {"amx_tile", "amx_bf16"}, [*AVX512_FLAGS, "-mamx-
 # avx2, Zen 3: fp32 1.0-1.7x at 1-8 rows, 1.0-1.3x at 16, 0.9-1.1x at 32; bf16 (torch's bf16 products
 # without AVX512-BF16 are slow at every size) 1.1-5x at 1-8 rows, 4-7x at 16-256. amx (the avx512 build), an Intel
 # Xeon with AMX: fp32 0.8-1.2x at 1-8 rows one product at a time, but decode at batch 8 (the compiled step with
-# the kernels against without) 967 vs 566 tok/s for the small model, 36.3 vs 27.2 for the large one, batch 1 alike
+# the kernels against without) 967 vs 566 tok/s for the small model, 36.3 vs 27.2 for the large one, batch 1 alike;
+# bf16 1.4-1.9x at 1 row, 1.0-1.5x at 2 but 0.65-0.85x at 4-8 against oneDNN's AMX products, which eager
+# products of 3+ rows take (smoe.kernels.linear.AMX_TRANSPOSED_ROWS); the compiled decode step up to batch 8
+# keeps the kernels (small model, batch 8: 2297 tok/s against 1270 eager)
 MAX_ROWS = {"amx": {torch.bfloat16: 8, torch.float32: 8}, "avx512": {torch.bfloat16: 8},
             "avx2": {torch.float32: 16, torch.bfloat16: 64}}
 _state: dict[str, object] = {"loaded": None, "isa": None}  # loaded None: not tried yet; then True or False
