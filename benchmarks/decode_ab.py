@@ -9,6 +9,7 @@ and the per-round ratio base/this (above 1: this checkout is faster) and writes 
 
     .venv/bin/python benchmarks/decode_ab.py --base HEAD~1                          # small, bf16, AOT step
     .venv/bin/python benchmarks/decode_ab.py --base main --model large --dtype float32 --rounds 6 --long 40
+    .venv/bin/python benchmarks/decode_ab.py --base HEAD~1 --model large --batch 8 --compile none --long 40
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = random_model(model_config(args.model, args.layers), getattr(torch, args.dtype), "cpu")
-    prompt = list(range(1, 9))
+    prompt = [list(range(1 + b, 9 + b)) for b in range(args.batch)] if args.batch > 1 else list(range(1, 9))
     compile_ = {"none": False, "aot": True, "jit": "jit"}[args.compile]
 
     def run(n: int) -> float:
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--compile", default="aot", choices=["none", "aot", "jit"], help="the decode step (default: AOT)")
+    p.add_argument("--batch", type=int, default=1, help="prompts decoded together (ms per step of the batch)")
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--short", type=int, default=8)
     p.add_argument("--long", type=int, default=200)
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
                    check=True)
     sides = {"base": str(base_root), "this": str(ROOT)}
     flags = [f"--{k}={v}" for k, v in (("model", args.model), ("dtype", args.dtype), ("compile", args.compile),
-                                        ("short", args.short), ("long", args.long), ("threads", args.threads))]
+                                        ("short", args.short), ("long", args.long), ("threads", args.threads),
+                                        ("batch", args.batch))]
     flags += [f"--layers={args.layers}"] if args.layers else []
     procs = {}
     try:
@@ -107,11 +110,12 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     ratios = [b / t for b, t in zip(seconds["base"], seconds["this"])]
     result = {"base": args.base, "base_commit": rev.stdout.strip(), "model": args.model, "dtype": args.dtype,
-              "compile": args.compile, "threads": args.threads, "seconds_per_token": seconds,
+              "compile": args.compile, "threads": args.threads, "batch": args.batch, "seconds_per_token": seconds,
               "median_ms": {k: statistics.median(v) * 1e3 for k, v in seconds.items()},
               "ratio_base_over_this": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}}
     m = result["median_ms"]
-    print(f"{args.model} {args.dtype} compile={args.compile}, {args.rounds} rounds: base ({args.base}) "
+    print(f"{args.model} {args.dtype} batch {args.batch} compile={args.compile}, {args.rounds} rounds: "
+          f"base ({args.base}) "
           f"{m['base']:.3f} ms, this {m['this']:.3f} ms per token; base/this per round: median "
           f"{statistics.median(ratios):.3f}, range {min(ratios):.2f}-{max(ratios):.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
