@@ -240,10 +240,7 @@ def native_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w
                experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
     """Inference on the CPU by smoe's kernel (smoe.kernels.native), eager or compiled: each touched expert's
     weights are read once for all its token-slots, with no sort, gather or scatter."""
-    a1_NKH = native.expert_gemv(x_ND[:, None], w1_EHD, experts_NK)  # float32
-    a3_NKH = native.expert_gemv(x_ND[:, None], w3_EHD, experts_NK)
-    h_NKH = (F.silu(a1_NKH) * a3_NKH * weights_NK[..., None].float()).to(x_ND.dtype)
-    return native.expert_gemv(h_NKH, w2_EDH, experts_NK).sum(1).to(x_ND.dtype)
+    return native.moe_gemv(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
 
 
 def gathered_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,

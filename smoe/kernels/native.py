@@ -1,13 +1,13 @@
-"""smoe's own CPU kernels (csrc/gemv.cpp): bf16 and fp32 matrix-vector products for x86-64.
+"""smoe's own CPU kernels (csrc/): matrix-vector products for decode (gemv.cpp), SwiGLU's elementwise passes
+(swiglu.cpp) and, on CPUs with AMX, the fused bf16 MoE (amx_moe.cpp), for x86-64.
 
 Built on first use with the C++ compiler torch.compile already needs (about 15 s, once per source, torch
 version and instruction set, kept beside the AOT steps in $SMOE_CACHE/native), for the CPU's instruction
-set: "avx512" (AVX-512 with BF16 dot products: Zen 4, Sapphire Rapids and later) or "avx2" (AVX2 and FMA:
-x86-64 CPUs since 2013-2015). Loaded as the torch ops smoe_native::gemv and smoe_native::expert_gemv,
-which torch.compile and AOTInductor call like any op. Used for decode on the CPU, in the dtypes of
-`DTYPES` (smoe.kernels.linear, the compiled step's single-row linears and its MoE). Where the CPU has
-neither instruction set, no compiler works, or SMOE_NATIVE=0, `available()` is False (a failed build
-warns once) and callers keep their torch code.
+set: "amx" (AVX-512 with BF16 and AMX tiles: Sapphire Rapids and later), "avx512" (AVX-512 with BF16 dot
+products: Zen 4) or "avx2" (AVX2 and FMA: x86-64 CPUs since 2013-2015). Loaded as torch ops
+(smoe_native::gemv, expert_gemv, moe_gemv, swiglu, swiglu_backward, amx_moe), which torch.compile and
+AOTInductor call like any op. Where the CPU has none of these instruction sets, no compiler works, or
+SMOE_NATIVE=0, `available()` is False (a failed build warns once) and callers keep their torch code.
 """
 
 from __future__ import annotations
@@ -96,8 +96,10 @@ def cache_root() -> Path:
 
 
 def library_path(isa: str) -> Path:
-    """Where the built library is kept: named by the hash of its source, build flags and torch version."""
-    h = hashlib.sha256(b"".join((CSRC / name).read_bytes() for name in ISAS[isa][2]))
+    """Where the built library is kept: named by the hash of its sources and headers, build flags and torch
+    version."""
+    files = [CSRC / name for name in ISAS[isa][2]] + sorted(CSRC.glob("*.h"))
+    h = hashlib.sha256(b"".join(f.read_bytes() for f in files))
     h.update(" ".join([torch.__version__, *ISAS[isa][1]]).encode())
     return cache_root() / "native" / f"gemv-{isa}-{h.hexdigest()[:16]}.so"
 
@@ -185,6 +187,10 @@ def _register_fakes() -> None:
     def _(x, w, experts):
         return x.new_empty(experts.shape[0], experts.shape[1], w.shape[1], dtype=torch.float32)
 
+    @torch.library.register_fake("smoe_native::moe_gemv")
+    def _(x, w1, w2, w3, experts, weights):
+        return x.new_empty(x.shape)
+
     _register_fakes.done = True
 
 
@@ -205,6 +211,12 @@ def amx_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_E
     """The bf16 MoE experts (N, D) in one op on AMX tiles: weights read in place, the gather, SwiGLU, router
     weight and scatter-add fused into the two products (D and H multiples of 32; inference only)."""
     return torch.ops.smoe_native.amx_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
+
+
+def moe_gemv(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
+             experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+    """The chosen experts of a few tokens, weighted and summed, in one op: (N, D) in x's dtype."""
+    return torch.ops.smoe_native.moe_gemv(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
 
 
 def swiglu_serves(*tensors: torch.Tensor) -> bool:

@@ -176,7 +176,7 @@ def test_compiled_decode_calls_the_kernel_and_matches_eager(monkeypatch, tmp_pat
     torch._dynamo.reset()
     logits, codes = run_and_get_code(_forced_logits, model, prompts, tokens, jit, pad)
     code = "\n".join(codes)
-    assert "smoe_native.gemv" in code and "smoe_native.expert_gemv" in code and jit.failed is None
+    assert "smoe_native.gemv" in code and "smoe_native.moe_gemv" in code and jit.failed is None
     torch.testing.assert_close(logits, eager, rtol=0, atol=tol)
     torch.testing.assert_close(_forced_logits(model, prompts, tokens, aot, pad), eager, rtol=0, atol=tol)
     assert aot.failed is None and len(list(tmp_path.glob("aot/*.pt2"))) == 1
@@ -304,3 +304,28 @@ def test_grouped_training_with_and_without_the_swiglu_kernels(dtype, monkeypatch
     assert (y0.double() - y1.double()).abs().max() <= tol * y1.double().abs().max()
     for a, b in zip(g0, g1):
         assert (a.double() - b.double()).abs().max() <= tol * b.double().abs().max() + 1e-6
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moe_gemv_is_the_expert_products_with_swiglu_between(dtype):
+    # one op for the few-token MoE: expert_gemv for w1 and w3, silu(a1) a3 w rounded to x's dtype, expert_gemv for
+    # w2, the K outputs summed in fp32 and rounded once
+    g = torch.Generator().manual_seed(11)
+    N, K, E, D, H = 3, 2, 4, 64, 96
+    x = torch.randn(N, D, generator=g).to(dtype)
+    w1, w3 = (torch.randn(E, H, D, generator=g).div(8).to(dtype) for _ in range(2))
+    w2 = torch.randn(E, D, H, generator=g).div(10).to(dtype)
+    experts = torch.tensor([[0, 3], [2, 2], [1, 0]])
+    weights = torch.softmax(torch.randn(N, K, generator=g), -1)
+    y = native.moe_gemv(x, w1, w2, w3, experts, weights)
+    assert y.shape == (N, D) and y.dtype == dtype
+    a1, a3 = native.expert_gemv(x[:, None], w1, experts), native.expert_gemv(x[:, None], w3, experts)
+    h = (F.silu(a1.double()) * a3.double() * weights[..., None].double()).to(dtype)
+    ref = native.expert_gemv(h, w2, experts).double().sum(1)
+    # h's fp32 value differs by a few roundings (exp, the division, the products), so its rounding to x's dtype
+    # may too: up to 4 steps of h, carried through w2
+    step = 4 * ROUNDING[dtype] * (w2[experts].double().abs() @ h.double().abs()[..., None]).squeeze(-1).sum(1)
+    assert ((y.double() - ref).abs() <= ROUNDING[dtype] * ref.abs() + step + 1e-30).all()
+    with pytest.raises(RuntimeError, match=r"moe_gemv: x \(N, D\)"):
+        native.moe_gemv(x, w1, w2.transpose(1, 2), w3, experts, weights)

@@ -17,6 +17,9 @@
 // smoe_native::expert_gemv(x (N, Kx, I), w (E, O, I), experts (N, K)) -> (N, K, O) float32:
 //     y[n, k] = w[experts[n, k]] @ x[n, k if Kx == K else 0] (the chosen experts' products of a MoE),
 //     the slots of one expert sharing each read of its weight.
+// smoe_native::moe_gemv(x (N, D), w1 (E, H, D), w2 (E, D, H), w3 (E, H, D), experts (N, K), weights (N, K))
+//     -> (N, D) in x's dtype: a MoE layer's chosen experts at decode sizes in one op (expert_gemv for w1 and w3,
+//     silu(a1) a3 weight rounded to x's dtype, expert_gemv for w2, the K outputs summed in fp32).
 // Products of bf16 are exact in fp32 and sums are fp32, as in torch's matmuls; only the summation order differs.
 // smoe_native::stream_sum(x float32, streams) -> 0-d: x's sum, read as that many streams (bandwidth probes).
 #include <immintrin.h>
@@ -29,6 +32,8 @@
 
 #include <algorithm>
 #include <vector>
+
+#include "elementwise.h"
 
 namespace {
 
@@ -364,6 +369,52 @@ at::Tensor expert_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     return y;
 }
 
+// out[j] = silu(a1[j]) a3[j] w, in out's dtype (one vectorized body, out of line as in swiglu.cpp)
+template <typename T>
+__attribute__((noinline)) void weighted_swiglu(const float* a1, const float* a3, float w, T* out, int64_t n) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) {
+        const float x = a1[j];
+        smoe_elementwise::store(out, j, x * smoe_elementwise::sigmoid(x) * a3[j] * w);
+    }
+}
+
+at::Tensor moe_gemv(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3,
+                    const at::Tensor& experts, const at::Tensor& weights) {
+    TORCH_CHECK(x.dim() == 2 && w1.dim() == 3 && w1.sizes() == w3.sizes() && w2.dim() == 3 &&
+                    w2.size(0) == w1.size(0) && w2.size(1) == w1.size(2) && w2.size(2) == w1.size(1) &&
+                    x.size(1) == w1.size(2) && experts.dim() == 2 && experts.sizes() == weights.sizes() &&
+                    experts.size(0) == x.size(0),
+                "smoe_native::moe_gemv: x (N, D), w1 and w3 (E, H, D), w2 (E, D, H), experts and weights (N, K), got ",
+                x.sizes(), ", ", w1.sizes(), ", ", w2.sizes(), ", ", w3.sizes(), ", ", experts.sizes(), ", ",
+                weights.sizes());
+    const int64_t N = x.size(0), K = experts.size(1), H = w1.size(1), D = x.size(1);
+    const auto a1 = expert_gemv(x.unsqueeze(1), w1, experts), a3 = expert_gemv(x.unsqueeze(1), w3, experts);
+    const auto wf = weights.to(at::kFloat).contiguous();
+    auto h = at::empty({N, K, H}, x.options());  // rounded to x's dtype, as the products' input
+    for (int64_t s = 0; s < N * K; s++) {
+        const float* p1 = a1.const_data_ptr<float>() + s * H;
+        const float* p3 = a3.const_data_ptr<float>() + s * H;
+        const float w = wf.const_data_ptr<float>()[s];
+        if (x.scalar_type() == at::kFloat)
+            weighted_swiglu(p1, p3, w, h.mutable_data_ptr<float>() + s * H, H);
+        else
+            weighted_swiglu(p1, p3, w, reinterpret_cast<uint16_t*>(h.mutable_data_ptr<bf16>()) + s * H, H);
+    }
+    const auto y = expert_gemv(h, w2, experts);  // (N, K, D) fp32
+    auto out = at::empty({N, D}, x.options());
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t d = 0; d < D; d++) {
+            float acc = 0.f;
+            for (int64_t k = 0; k < K; k++) acc += y.const_data_ptr<float>()[(n * K + k) * D + d];
+            if (x.scalar_type() == at::kFloat)
+                out.mutable_data_ptr<float>()[n * D + d] = acc;
+            else
+                smoe_elementwise::store(reinterpret_cast<uint16_t*>(out.mutable_data_ptr<bf16>()), n * D + d, acc);
+        }
+    return out;
+}
+
 // the sum of x's elements read as S sequential streams at once, each over its part of x (for the bandwidth
 // probe of benchmarks: the streams these products read)
 template <int S>
@@ -417,11 +468,13 @@ at::Tensor stream_sum(const at::Tensor& x, int64_t streams) {
 TORCH_LIBRARY(smoe_native, m) {
     m.def("gemv(Tensor x, Tensor w) -> Tensor");
     m.def("expert_gemv(Tensor x, Tensor w, Tensor experts) -> Tensor");
+    m.def("moe_gemv(Tensor x, Tensor w1, Tensor w2, Tensor w3, Tensor experts, Tensor weights) -> Tensor");
     m.def("stream_sum(Tensor x, int streams) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(smoe_native, CPU, m) {
     m.impl("gemv", &gemv);
     m.impl("expert_gemv", &expert_gemv);
+    m.impl("moe_gemv", &moe_gemv);
     m.impl("stream_sum", &stream_sum);
 }
