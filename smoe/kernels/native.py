@@ -1,11 +1,11 @@
 """smoe's own CPU kernels (csrc/): matrix-vector products for decode (gemv.cpp), SwiGLU's elementwise passes
-(swiglu.cpp) and, on CPUs with AMX, the fused bf16 MoE (amx_moe.cpp), for x86-64.
+(swiglu.cpp), the MoE router (route.cpp) and, on CPUs with AMX, the fused bf16 MoE (amx_moe.cpp), for x86-64.
 
 Built on first use with the C++ compiler torch.compile already needs (about 15 s, once per source, torch
 version and instruction set, kept beside the AOT steps in $SMOE_CACHE/native), for the CPU's instruction
 set: "amx" (AVX-512 with BF16 and AMX tiles: Sapphire Rapids and later), "avx512" (AVX-512 with BF16 dot
 products: Zen 4) or "avx2" (AVX2 and FMA: x86-64 CPUs since 2013-2015). Loaded as torch ops
-(smoe_native::gemv, expert_gemv, moe_gemv, swiglu, swiglu_backward, amx_moe), which torch.compile and
+(smoe_native::gemv, expert_gemv, moe_gemv, swiglu, swiglu_backward, route, amx_moe), which torch.compile and
 AOTInductor call like any op. Where the CPU has none of these instruction sets, no compiler works, or
 SMOE_NATIVE=0, `available()` is False (a failed build warns once) and callers keep their torch code.
 """
@@ -32,10 +32,11 @@ AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
 AVX512_NEEDS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
 # instruction set -> (the /proc/cpuinfo flags it needs, the compiler's flags, the sources), best first; "amx" is
 # "avx512" plus the fused MoE of csrc/amx_moe.cpp on AMX tiles
+SOURCES = ["gemv.cpp", "swiglu.cpp", "route.cpp"]
 ISAS = {"amx": (AVX512_NEEDS | {"amx_tile", "amx_bf16"}, [*AVX512_FLAGS, "-mamx-tile", "-mamx-bf16"],
-                ["gemv.cpp", "swiglu.cpp", "amx_moe.cpp"]),
-        "avx512": (AVX512_NEEDS, AVX512_FLAGS, ["gemv.cpp", "swiglu.cpp"]),
-        "avx2": ({"avx2", "fma"}, ["-mavx2", "-mfma"], ["gemv.cpp", "swiglu.cpp"])}
+                [*SOURCES, "amx_moe.cpp"]),
+        "avx512": (AVX512_NEEDS, AVX512_FLAGS, SOURCES),
+        "avx2": ({"avx2", "fma"}, ["-mavx2", "-mfma"], SOURCES)}
 # products of up to this many rows of x go through the kernels, by instruction set and dtype: where they
 # measured faster than torch's paths (benchmarks/linear.py, 1 thread, weights from memory). avx512, Zen 4:
 # bf16 1.6-2.9x at 1-2 rows, 0.87-1.74x at 8, alike at 16-32 (fp32 not measured there: torch's code).
@@ -240,6 +241,19 @@ def swiglu_backward(dh_SH: torch.Tensor, a1_SH: torch.Tensor, a3_SH: torch.Tenso
     da3_SH, hw_SH = torch.empty_like(a1_SH), torch.empty_like(a1_SH)
     dw_S = torch.ops.smoe_native.swiglu_backward(dh_SH, a1_SH, a3_SH, w_S, da3_SH, hw_SH)
     return dh_SH, da3_SH, hw_SH, dw_S
+
+
+def route_serves(x_ND: torch.Tensor, gate_ED: torch.Tensor) -> bool:
+    """Whether the one-op router (csrc/route.cpp) takes these: contiguous 2-d float32 or bfloat16 CPU tensors,
+    outside torch.compile, where the kernels load (the caller checks grad)."""
+    return (x_ND.device.type == gate_ED.device.type == "cpu" and x_ND.dim() == gate_ED.dim() == 2
+            and {x_ND.dtype, gate_ED.dtype} <= {torch.float32, torch.bfloat16} and x_ND.is_contiguous()
+            and gate_ED.is_contiguous() and not torch.compiler.is_compiling() and _loaded())
+
+
+def route(x_ND: torch.Tensor, gate_ED: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weights_NK fp32, experts_NK, logits_NE fp32) as smoe.model.transformer.route's torch code, in one op."""
+    return torch.ops.smoe_native.route(x_ND, gate_ED, top_k)
 
 
 def gemv(x: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:

@@ -329,3 +329,57 @@ def test_moe_gemv_is_the_expert_products_with_swiglu_between(dtype):
     assert ((y.double() - ref).abs() <= ROUNDING[dtype] * ref.abs() + step + 1e-30).all()
     with pytest.raises(RuntimeError, match=r"moe_gemv: x \(N, D\)"):
         native.moe_gemv(x, w1, w2.transpose(1, 2), w3, experts, weights)
+
+
+@needs_native
+@pytest.mark.parametrize("x_dtype", DTYPES)
+@pytest.mark.parametrize("gate_dtype", DTYPES)
+@pytest.mark.parametrize(("N", "E", "D", "k"), [(1, 8, 512, 2), (5, 8, 64, 1), (17, 7, 100, 3), (40, 4, 33, 4)])
+def test_route_kernel_is_the_float64_router(N, E, D, k, x_dtype, gate_dtype):
+    g = torch.Generator().manual_seed(N * 100 + E + D + k)
+    x, gate = torch.randn(N, D, generator=g).to(x_dtype), (torch.randn(E, D, generator=g) / D**0.5).to(gate_dtype)
+    weights, experts, logits = native.route(x, gate, k)
+    assert weights.dtype == logits.dtype == torch.float32 and experts.dtype == torch.int64
+    exact = x.double() @ gate.double().t()
+    # fp32 sums of exact products: within D roundings of the summed magnitudes
+    assert ((logits.double() - exact).abs() <= D * F32 * (x.double().abs() @ gate.double().abs().t())).all()
+    top, chosen = torch.topk(exact, k)
+    ranked = exact.sort(-1, descending=True).values[:, :min(k + 1, E)]
+    clear = (ranked[:, :-1] - ranked[:, 1:] > 1e-4).all(-1)  # no near-ties in the top k: the same experts, in order
+    assert (experts[clear] == chosen[clear]).all()
+    assert torch.allclose(weights.double(), torch.softmax(logits.double().gather(1, experts), -1), atol=1e-6)
+    assert torch.allclose(weights.sum(-1), torch.ones(N), atol=1e-6)
+
+
+@needs_native
+def test_route_kernel_ties_nans_and_bad_inputs():
+    gate = torch.eye(4)
+    # equal logits: the first expert first, as the compiled router's max
+    w, e, _ = native.route(torch.tensor([[1.0, 1.0, 0.0, 1.0]]), gate, 2)
+    assert e.tolist() == [[0, 1]] and w.tolist() == [[0.5, 0.5]]
+    _, e, _ = native.route(torch.tensor([[0.0, 0.0, 5.0, 1.0]]), gate.index_fill(0, torch.tensor([1]), float("nan")), 2)
+    assert e.tolist() == [[1, 2]]  # NaN above all, as torch.topk
+    with pytest.raises(RuntimeError, match=r"k must be in \[1, 4\], got 5"):
+        native.route(torch.ones(1, 4), gate, 5)
+    with pytest.raises(RuntimeError, match=r"gate must be a contiguous \(E, 8\)"):
+        native.route(torch.ones(1, 8), gate, 2)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moe_layer_routes_by_the_kernel_in_inference_only(dtype, monkeypatch):
+    moe = tiny_model().to(dtype).layers[0].feed_forward
+    x = torch.randn(2, 3, moe.gate.weight.shape[1]).to(dtype)
+    calls = []
+    real = native.route
+    monkeypatch.setattr(native, "route", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        out, logits = moe(x)
+    assert calls  # the kernel routed the inference call
+    with native.disabled(), torch.no_grad():
+        ref, ref_logits = moe(x)
+    assert torch.allclose(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, ref, **({"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {}))
+    calls.clear()
+    moe(x)[0].sum().backward()  # autograd needs the torch router
+    assert not calls and moe.gate.weight.grad is not None
