@@ -203,7 +203,13 @@ class GroupedMoE(torch.autograd.Function):
         token_S, order_S, counts = sort_by_expert(experts_NK, w1_EHD.shape[0])
         segs = segments(counts)
         w_S = weights_NK.reshape(-1)[order_S].to(x_ND.dtype)
-        out_ND, (a1_SH, a3_SH) = _forward(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segs, keep=True)
+        if experts_NK.numel() >= AMX_MIN_SLOTS_PER_EXPERT * w1_EHD.shape[0] and amx_serves(x_ND, w1_EHD, w2_EDH,
+                                                                                             w3_EHD):
+            # bf16 on AMX: the fused forward, which also hands back the pre-activations in this sorted order
+            out_ND, a1_SH, a3_SH = native.amx_moe_keep(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK,
+                                                       weights_NK.to(x_ND.dtype).float())
+        else:
+            out_ND, (a1_SH, a3_SH) = _forward(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segs, keep=True)
         ctx.save_for_backward(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, order_S, w_S, a1_SH, a3_SH)
         ctx.segs, ctx.weights_dtype, ctx.weights_shape = segs, weights_NK.dtype, weights_NK.shape
         return out_ND

@@ -1,6 +1,7 @@
 """smoe's fused MoE on AMX tiles (native.amx_moe, csrc/amx_moe.cpp): against float64 and the naive bf16 loop
 over routings and shapes (empty experts, one expert taking every slot, several token blocks and hidden chunks),
-where grouped_moe takes it, and bad inputs. Runs on CPUs with AMX-BF16 (Sapphire Rapids and later); elsewhere
+its training form (amx_moe_keep) against the segment path's gradients, where grouped_moe takes them, and bad
+inputs. Runs on CPUs with AMX-BF16 (Sapphire Rapids and later); elsewhere
 only the build is checked (test_native.py builds every instruction set)."""
 
 from __future__ import annotations
@@ -71,7 +72,39 @@ def test_float64_formula_with_h_rounded_once():
     assert (y - ref).abs().mean() <= 2**-11 * scale
 
 
-def test_grouped_takes_it_from_two_slots_per_expert_in_inference_only():
+@pytest.mark.parametrize("N,D,H,E,K,skew", [(17, 64, 96, 8, 2, False), (300, 64, 96, 8, 2, True),
+                                          (24, 128, 2080, 3, 2, False)])
+def test_keep_hands_back_the_pre_activations_in_sorted_slot_order(N, D, H, E, K, skew):
+    x, w1, w2, w3, experts, weights = args = make(N, D, H, E, K, seed=N + 1, skew=skew)
+    out, a1, a3 = native.amx_moe_keep(*args)
+    assert torch.equal(out, native.amx_moe(*args))
+    assert a1.shape == a3.shape == (N * K, H) and a1.dtype == torch.bfloat16
+    token_S, _, counts = G.sort_by_expert(experts, E)
+    expert_S = torch.repeat_interleave(torch.arange(E), torch.tensor(counts))
+    xs = x[token_S].double()
+    for got, w in ((a1, w1), (a3, w3)):
+        exact = torch.einsum("sd,shd->sh", xs, w[expert_S].double())
+        mass = torch.einsum("sd,shd->sh", xs.abs(), w[expert_S].double().abs())
+        # fp32 sums of exact products, rounded once to bf16
+        assert ((got.double() - exact).abs() <= 2**-8 * exact.abs() + D * 2**-24 * mass + 1e-30).all()
+
+
+def test_grouped_training_forward_takes_keep_with_the_segment_paths_gradients(monkeypatch):
+    from tests.kernels.test_kernel_backends import run_with_grads
+    args = make(64, 64, 96, 8, 2, seed=3)
+    with unittest.mock.patch.object(native, "amx_moe_keep", wraps=native.amx_moe_keep) as op:
+        y0, g0 = run_with_grads(G.grouped_moe, *args)
+        assert op.call_count == 1
+    monkeypatch.setattr(G, "amx_serves", lambda *t: False)
+    y1, g1 = run_with_grads(G.grouped_moe, *args)
+    # the two forwards round h (once here, after bf16 a1 and a3 there) and the output differently: a few bf16 steps
+    tol = 2**-6
+    assert (y0.double() - y1.double()).abs().max() <= tol * y1.double().abs().max()
+    for a, b in zip(g0, g1):
+        assert (a.double() - b.double()).abs().max() <= tol * b.double().abs().max() + 1e-6
+
+
+def test_grouped_takes_it_from_two_slots_per_expert():
     x, w1, w2, w3, experts, weights = make(8, 64, 96, 8, 2)  # 16 slots = 2 per expert
     with unittest.mock.patch.object(native, "amx_moe", wraps=native.amx_moe) as op:
         with torch.no_grad():
@@ -84,8 +117,9 @@ def test_grouped_takes_it_from_two_slots_per_expert_in_inference_only():
             G.grouped_moe(*odd)
             assert op.call_count == 1
         xg = x.clone().requires_grad_()
-        G.grouped_moe(xg, w1, w2, w3, experts, weights).float().sum().backward()  # training: the segment path
-        assert op.call_count == 1 and xg.grad is not None
+        with unittest.mock.patch.object(native, "amx_moe_keep", wraps=native.amx_moe_keep) as keep:
+            G.grouped_moe(xg, w1, w2, w3, experts, weights).float().sum().backward()  # training: amx_moe_keep
+        assert op.call_count == 1 and keep.call_count == 1 and xg.grad is not None
 
 
 def test_bad_inputs_are_named():

@@ -3,6 +3,9 @@
 //
 //   smoe_native::amx_moe(x (N, D), w1 (E, H, D), w2 (E, D, H), w3 (E, H, D), experts (N, K), weights (N, K) fp32)
 //     -> (N, D) bf16: out[n] = sum_k weights[n, k] * w2[e] (silu(w1[e] x[n]) * (w3[e] x[n])), e = experts[n, k]
+//   smoe_native::amx_moe_keep(the same) -> (out, a1 (N K, H), a3 (N K, H)): for training's forward, also the
+//     pre-activations w1[e] x[n] and w3[e] x[n] rounded to bf16, one row per token-slot in the order of a stable
+//     sort of the slots by expert (smoe.kernels.grouped.sort_by_expert's), which the backward takes
 //
 // An AMX tile multiply C (16 x 16 fp32) += A (16 x 32 bf16) B (32 x 16 bf16, stored as 16 rows of 16 pairs)
 // takes A's rows as they lie in memory. So the weights are the A side, read in place (16 weight rows of 32
@@ -28,6 +31,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #if !defined(__AMX_BF16__) || !defined(__AVX512BF16__)
@@ -239,6 +243,22 @@ void swiglu_to_b_tiles(const float* c, int64_t tiles, bf16* hb, int64_t hchunks,
     }
 }
 
+// The pre-activations of hidden tile ht (rows 16 ht..) for `n` slots, from c as tile_rows left it (A0 = w1, A1 =
+// w3), rounded to bf16 into rows of a1 and a3 (H wide; row j is the block's slot j)
+void keep_pre_activations(const float* c, int64_t n, bf16* a1, bf16* a3, int64_t H, int64_t ht) {
+    for (int64_t t = 0; t * 16 < n; t++)
+        for (int v = 0; v < 2; v++) {
+            const float* tile = c + t / 2 * 1024 + v * 512 + (t % 2) * 256;
+            __m512 r[16];
+            for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(tile + 16 * i);
+            transpose16(r);  // r[j]: slot 16 t + j's 16 hidden units
+            bf16* out = v == 0 ? a1 : a3;
+            for (int j = 0; j < 16 && t * 16 + j < n; j++)
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (t * 16 + j) * H + ht * 16),
+                                    (__m256i)_mm512_cvtneps_pbh(r[j]));
+        }
+}
+
 // y^T tiles of output columns d0.. (A0) and d0 + 16.. (A1) for `n` slots, from c as tile_rows left it: each
 // slot's 16-column pieces times its router weight added into acc[token] (D columns)
 void add_to_rows(const float* c, int64_t n, const int64_t* token, const float* weight, float* acc, int64_t D,
@@ -257,8 +277,9 @@ void add_to_rows(const float* c, int64_t n, const int64_t* token, const float* w
         }
 }
 
-at::Tensor amx_moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3,
-                   const at::Tensor& experts, const at::Tensor& weights) {
+// out, and where a1 and a3 are given (N K x H each), the pre-activations in sorted slot order
+at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3,
+               const at::Tensor& experts, const at::Tensor& weights, bf16* a1, bf16* a3) {
     TORCH_CHECK(x.device().is_cpu() && w1.device().is_cpu() && w2.device().is_cpu() && w3.device().is_cpu(),
                 "smoe_native::amx_moe: CPU tensors only");
     TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w1.scalar_type() == at::kBFloat16 &&
@@ -326,6 +347,7 @@ at::Tensor amx_moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& 
                         const bool more = ht + 1 < t1;
                         tile_rows(w1e + ht * 16 * D, w3e + ht * 16 * D, D, D / 32, xb.data(), D / 32, tiles, c.data(),
                                   more ? w1e + (ht + 1) * 16 * D : nullptr, w3e + (ht + 1) * 16 * D);
+                        if (a1 != nullptr) keep_pre_activations(c.data(), n, a1 + b0 * H, a3 + b0 * H, H, ht);
                         swiglu_to_b_tiles(c.data(), tiles, hb.data(), hchunks, ht - h0 / 16);
                     }
                     _tile_release();
@@ -347,10 +369,29 @@ at::Tensor amx_moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& 
     return acc.to(at::kBFloat16);
 }
 
+at::Tensor amx_moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3,
+                   const at::Tensor& experts, const at::Tensor& weights) {
+    return moe(x, w1, w2, w3, experts, weights, nullptr, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> amx_moe_keep(const at::Tensor& x, const at::Tensor& w1,
+                                                             const at::Tensor& w2, const at::Tensor& w3,
+                                                             const at::Tensor& experts, const at::Tensor& weights) {
+    TORCH_CHECK(w1.dim() == 3, "smoe_native::amx_moe_keep: w1 (E, H, D), got ", w1.sizes());
+    auto a1 = at::empty({experts.numel(), w1.size(1)}, x.options()), a3 = at::empty({experts.numel(), w1.size(1)}, x.options());
+    auto out = moe(x, w1, w2, w3, experts, weights, a1.mutable_data_ptr<bf16>(), a3.mutable_data_ptr<bf16>());
+    return {out, a1, a3};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(smoe_native, m) {
     m.def("amx_moe(Tensor x, Tensor w1, Tensor w2, Tensor w3, Tensor experts, Tensor weights) -> Tensor");
+    m.def("amx_moe_keep(Tensor x, Tensor w1, Tensor w2, Tensor w3, Tensor experts, Tensor weights) -> "
+          "(Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(smoe_native, CPU, m) { m.impl("amx_moe", &amx_moe); }
+TORCH_LIBRARY_IMPL(smoe_native, CPU, m) {
+    m.impl("amx_moe", &amx_moe);
+    m.impl("amx_moe_keep", &amx_moe_keep);
+}
