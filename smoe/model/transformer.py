@@ -90,14 +90,13 @@ def route(x_ND: torch.Tensor, gate_weight_ED: torch.Tensor, top_k: int
     Returns (weights_NK float32, experts_NK, logits_NE float32). Softmax over the chosen k equals
     softmax over all E, top-k, renormalise.
     """
-    if x_ND.shape[0] <= ROUTE_MAX_TOKENS and top_k <= gate_weight_ED.shape[0]:
-        if fused_ops_apply(x_ND, gate_weight_ED):
-            out = fused_op("route", x_ND, gate_weight_ED, top_k)  # CUDA inference: one launch
-            if out is not None:
-                return out
-        elif native.route_serves(x_ND, gate_weight_ED) and not (
-                torch.is_grad_enabled() and (x_ND.requires_grad or gate_weight_ED.requires_grad)):
-            return native.route(x_ND, gate_weight_ED, top_k)  # CPU inference: one op for the 6-8 below
+    if x_ND.shape[0] <= ROUTE_MAX_TOKENS and top_k <= gate_weight_ED.shape[0] and fused_ops_apply(x_ND, gate_weight_ED):
+        out = fused_op("route", x_ND, gate_weight_ED, top_k)  # CUDA inference: one launch
+        if out is not None:
+            return out
+    if top_k <= gate_weight_ED.shape[0] and native.route_serves(x_ND, gate_weight_ED) and not (
+            torch.is_grad_enabled() and (x_ND.requires_grad or gate_weight_ED.requires_grad)):
+        return native.route(x_ND, gate_weight_ED, top_k)  # CPU inference: one op for the 6-8 below
     logits_NE = F.linear(x_ND.float(), gate_weight_ED.float())
     top_logits_NK, experts_NK = _top_k(logits_NE, top_k)
     return torch.softmax(top_logits_NK, dim=-1), experts_NK, logits_NE

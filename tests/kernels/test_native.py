@@ -334,7 +334,8 @@ def test_moe_gemv_is_the_expert_products_with_swiglu_between(dtype):
 @needs_native
 @pytest.mark.parametrize("x_dtype", DTYPES)
 @pytest.mark.parametrize("gate_dtype", DTYPES)
-@pytest.mark.parametrize(("N", "E", "D", "k"), [(1, 8, 512, 2), (5, 8, 64, 1), (17, 7, 100, 3), (40, 4, 33, 4)])
+@pytest.mark.parametrize(("N", "E", "D", "k"), [(1, 8, 512, 2), (5, 8, 64, 1), (17, 7, 100, 3), (40, 4, 33, 4),
+                                            (300, 8, 40, 2), (9, 16, 72, 2)])
 def test_route_kernel_is_the_float64_router(N, E, D, k, x_dtype, gate_dtype):
     g = torch.Generator().manual_seed(N * 100 + E + D + k)
     x, gate = torch.randn(N, D, generator=g).to(x_dtype), (torch.randn(E, D, generator=g) / D**0.5).to(gate_dtype)

@@ -4,7 +4,10 @@
 //     logits = x gate^T in fp32, the k largest per token in descending order (the first of equal ones first; NaN
 //     above all, as torch.topk), and the softmax over those k logits.
 // x and gate each fp32 or bf16. torch's code takes 6-8 dispatches for this (casts, the product, topk, softmax),
-// about 60 us of a 1-token MoE layer whose experts' products take 400.
+// about 60 us of a 1-token MoE layer whose experts' products take 400; at 4096 bf16 tokens of dim 512 it took
+// 1.73 ms against 0.83 (1 thread, a Xeon with AMX), most of it converting x to fp32.
+#include <immintrin.h>
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -28,6 +31,31 @@ __attribute__((noinline)) float dot(const TX* x, const TG* g, int64_t D) {
     return acc;
 }
 
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {  // bf16 -> fp32: the 16 bits on top
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// l[e] = x . gate[e] for 8 experts at once: x's vector loaded once for the 8 rows, 8 independent sums
+template <typename TX, typename TG>
+void dot8(const TX* x, const TG* gate, int64_t D, float* l) {
+    __m512 acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= D; j += 16) {
+        const __m512 xv = load16(x + j);
+        for (int i = 0; i < 8; i++) acc[i] = _mm512_fmadd_ps(xv, load16(gate + i * D + j), acc[i]);
+    }
+    for (int i = 0; i < 8; i++) {
+        float t = _mm512_reduce_add_ps(acc[i]);
+        for (int64_t r = j; r < D; r++) t += load(x, r) * load(gate + i * D, r);
+        l[i] = t;
+    }
+}
+#endif
+
 bool above(float v, float best) { return v > best || (std::isnan(v) && !std::isnan(best)); }
 
 template <typename TX, typename TG>
@@ -36,7 +64,11 @@ void route_rows(const TX* x, const TG* gate, float* logits, float* weights, int6
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
         for (int64_t n = n0; n < n1; n++) {
             float* l = logits + n * E;
-            for (int64_t e = 0; e < E; e++) l[e] = dot(x + n * D, gate + e * D, D);
+            int64_t e = 0;
+#if defined(__AVX512F__)
+            for (; e + 8 <= E; e += 8) dot8(x + n * D, gate + e * D, D, l + e);
+#endif
+            for (; e < E; e++) l[e] = dot(x + n * D, gate + e * D, D);
             float* w = weights + n * k;
             int64_t* ex = experts + n * k;
             for (int64_t j = 0; j < k; j++) {  // k passes of max over the experts not yet chosen
