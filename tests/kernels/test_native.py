@@ -384,3 +384,37 @@ def test_moe_layer_routes_by_the_kernel_in_inference_only(dtype, monkeypatch):
     calls.clear()
     moe(x)[0].sum().backward()  # autograd needs the torch router
     assert not calls and moe.gate.weight.grad is not None
+
+
+@pytest.mark.timeout(300)
+def test_the_avx2_build_computes_alike_where_this_cpu_runs_it(tmp_path):
+    # on an AVX-512 machine the AVX2 build's code paths never run in this suite: load that build in a child process
+    # and check its products, SwiGLU and router against torch
+    import os
+    import subprocess
+    import sys
+    if not {"avx2", "fma"} <= native.cpu_info()[1]:
+        pytest.skip("needs an x86-64 CPU with AVX2 and FMA")
+    code = """
+import torch, torch.nn.functional as F
+from smoe.kernels import native
+native.cpu_isa = lambda: "avx2"
+assert native.available() and native._state["isa"] == "avx2", native._state
+g = torch.Generator().manual_seed(0)
+for dt in (torch.float32, torch.bfloat16):
+    x, w = torch.randn(3, 200, generator=g).to(dt), torch.randn(37, 200, generator=g).to(dt)
+    ref = x.double() @ w.double().t()
+    assert (native.gemv(x, w).double() - ref).abs().max() <= 2**-7 * ref.abs().max()
+    a1, a3 = torch.randn(5, 70, generator=g).to(dt), torch.randn(5, 70, generator=g).to(dt)
+    out, ref = native.swiglu(a1, a3, torch.empty_like(a1)).double(), F.silu(a1.double()) * a3.double()
+    assert ((out - ref).abs() <= 2**-7 * ref.abs() + 1e-6).all()
+    xg, gate = torch.randn(20, 100, generator=g).to(dt), torch.randn(8, 100, generator=g).to(dt)
+    weights, experts, logits = native.route(xg, gate, 2)
+    exact = xg.double() @ gate.double().t()
+    assert (logits.double() - exact).abs().max() <= 1e-4 * exact.abs().max()
+    assert torch.allclose(weights.double(), torch.softmax(logits.double().gather(1, experts), -1), atol=1e-6)
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=280,
+                         env={**os.environ, "SMOE_CACHE": str(tmp_path)})
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]

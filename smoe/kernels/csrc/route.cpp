@@ -38,7 +38,8 @@ inline __m512 load16(const uint16_t* p) {  // bf16 -> fp32: the 16 bits on top
         _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 
-// l[e] = x . gate[e] for 8 experts at once: x's vector loaded once for the 8 rows, 8 independent sums
+// l[e] = x . gate[e] for 8 experts at once: x's vector loaded once for the 8 rows, 8 independent sums (the AVX2
+// build's dot8 below alike, 8 lanes wide)
 template <typename TX, typename TG>
 void dot8(const TX* x, const TG* gate, int64_t D, float* l) {
     __m512 acc[8];
@@ -54,6 +55,34 @@ void dot8(const TX* x, const TG* gate, int64_t D, float* l) {
         l[i] = t;
     }
 }
+#elif defined(__AVX2__)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+template <typename TX, typename TG>
+void dot8(const TX* x, const TG* gate, int64_t D, float* l) {
+    __m256 acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= D; j += 8) {
+        const __m256 xv = load8(x + j);
+        for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(xv, load8(gate + i * D + j), acc[i]);
+    }
+    for (int i = 0; i < 8; i++) {
+        float t = hsum8(acc[i]);
+        for (int64_t r = j; r < D; r++) t += load(x, r) * load(gate + i * D, r);
+        l[i] = t;
+    }
+}
 #endif
 
 bool above(float v, float best) { return v > best || (std::isnan(v) && !std::isnan(best)); }
@@ -65,7 +94,7 @@ void route_rows(const TX* x, const TG* gate, float* logits, float* weights, int6
         for (int64_t n = n0; n < n1; n++) {
             float* l = logits + n * E;
             int64_t e = 0;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
             for (; e + 8 <= E; e += 8) dot8(x + n * D, gate + e * D, D, l + e);
 #endif
             for (; e < E; e++) l[e] = dot(x + n * D, gate + e * D, D);
