@@ -203,9 +203,8 @@ class GroupedMoE(torch.autograd.Function):
         token_S, order_S, counts = sort_by_expert(experts_NK, w1_EHD.shape[0])
         segs = segments(counts)
         w_S = weights_NK.reshape(-1)[order_S].to(x_ND.dtype)
-        if experts_NK.numel() >= AMX_MIN_SLOTS_PER_EXPERT * w1_EHD.shape[0] and amx_serves(x_ND, w1_EHD, w2_EDH,
-                                                                                             w3_EHD):
-            # bf16 on AMX: the fused forward, which also hands back the pre-activations in this sorted order
+        if amx_takes(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK):
+            # the fused forward, which also hands back the pre-activations in this sorted order
             out_ND, a1_SH, a3_SH = native.amx_moe_keep(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK,
                                                        weights_NK.to(x_ND.dtype).float())
         else:
@@ -286,6 +285,14 @@ def amx_serves(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w
             and not torch.compiler.is_compiling() and native.amx())
 
 
+def amx_takes(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
+              experts_NK: torch.Tensor) -> bool:
+    """Whether the experts run as the fused AMX op (amx_moe, or amx_moe_keep under autograd): where it serves
+    (amx_serves), from AMX_MIN_SLOTS_PER_EXPERT token-slots per expert on average."""
+    return experts_NK.numel() >= AMX_MIN_SLOTS_PER_EXPERT * w1_EHD.shape[0] and amx_serves(x_ND, w1_EHD, w2_EDH,
+                                                                                              w3_EHD)
+
+
 def grouped_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
                 experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
     """Gather tokens once in expert order, run each active expert's rows as one matmul, scatter-add back."""
@@ -298,8 +305,7 @@ def grouped_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, 
     # products on sorted rows, bf16 on a Zen 4 at 8 per expert: 1.30x faster for the medium preset's experts,
     # equal for dim 1024, H 3584; at 16 per expert 1.31x and 0.68x)
     # bf16 inference on a CPU with AMX from AMX_MIN_SLOTS_PER_EXPERT slots per expert: the fused AMX op
-    if not grad and experts_NK.numel() >= AMX_MIN_SLOTS_PER_EXPERT * w1_EHD.shape[0] and amx_serves(x_ND, w1_EHD,
-                                                                                                  w2_EDH, w3_EHD):
+    if not grad and amx_takes(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK):
         return native.amx_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK.float())
     if (not grad and experts_NK.numel() <= native.max_rows(x_ND.dtype) * w1_EHD.shape[0]
             and native.serves(x_ND, w1_EHD)):

@@ -1,8 +1,8 @@
 """smoe's fused MoE on AMX tiles (native.amx_moe, csrc/amx_moe.cpp): against float64 and the naive bf16 loop
 over routings and shapes (empty experts, one expert taking every slot, several token blocks and hidden chunks),
 its training form (amx_moe_keep) against the segment path's gradients, where grouped_moe takes them, and bad
-inputs. Runs on CPUs with AMX-BF16 (Sapphire Rapids and later); elsewhere
-only the build is checked (test_native.py builds every instruction set)."""
+inputs. Runs on CPUs with AMX-BF16 (Sapphire Rapids and later); elsewhere only the build is checked
+(test_native.py builds every instruction set)."""
 
 from __future__ import annotations
 

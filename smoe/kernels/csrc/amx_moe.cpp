@@ -26,6 +26,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -282,7 +283,8 @@ struct Accumulator {
             }
             data = kept.get();
         }
-        at::parallel_for(0, n, 1 << 18, [&](int64_t i0, int64_t i1) { std::memset(data + i0, 0, (i1 - i0) * sizeof(float)); });
+        at::parallel_for(0, n, 1 << 18,
+                         [&](int64_t i0, int64_t i1) { std::memset(data + i0, 0, (i1 - i0) * sizeof(float)); });
     }
 };
 
@@ -397,7 +399,8 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, 
     bf16* o = out.mutable_data_ptr<bf16>();
     at::parallel_for(0, N * D / 16, 4096, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; i++)
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(accp + 16 * i)));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * i),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(accp + 16 * i)));
     });
     return out;
 }
@@ -411,7 +414,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> amx_moe_keep(const at::Tensor& x,
                                                              const at::Tensor& w2, const at::Tensor& w3,
                                                              const at::Tensor& experts, const at::Tensor& weights) {
     TORCH_CHECK(w1.dim() == 3, "smoe_native::amx_moe_keep: w1 (E, H, D), got ", w1.sizes());
-    auto a1 = at::empty({experts.numel(), w1.size(1)}, x.options()), a3 = at::empty({experts.numel(), w1.size(1)}, x.options());
+    auto a1 = at::empty({experts.numel(), w1.size(1)}, x.options()), a3 = at::empty_like(a1);
     auto out = moe(x, w1, w2, w3, experts, weights, a1.mutable_data_ptr<bf16>(), a3.mutable_data_ptr<bf16>());
     return {out, a1, a3};
 }

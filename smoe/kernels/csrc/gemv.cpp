@@ -379,6 +379,17 @@ __attribute__((noinline)) void weighted_swiglu(const float* a1, const float* a3,
     }
 }
 
+// out[n] = sum_k y[n, k] (D wide), summed in fp32 and rounded once to out's dtype
+template <typename T>
+void sum_slots(const float* y, T* out, int64_t N, int64_t K, int64_t D) {
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t d = 0; d < D; d++) {
+            float acc = 0.f;
+            for (int64_t k = 0; k < K; k++) acc += y[(n * K + k) * D + d];
+            smoe_elementwise::store(out, n * D + d, acc);
+        }
+}
+
 at::Tensor moe_gemv(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3,
                     const at::Tensor& experts, const at::Tensor& weights) {
     TORCH_CHECK(x.dim() == 2 && w1.dim() == 3 && w1.sizes() == w3.sizes() && w2.dim() == 3 &&
@@ -403,15 +414,10 @@ at::Tensor moe_gemv(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
     }
     const auto y = expert_gemv(h, w2, experts);  // (N, K, D) fp32
     auto out = at::empty({N, D}, x.options());
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t d = 0; d < D; d++) {
-            float acc = 0.f;
-            for (int64_t k = 0; k < K; k++) acc += y.const_data_ptr<float>()[(n * K + k) * D + d];
-            if (x.scalar_type() == at::kFloat)
-                out.mutable_data_ptr<float>()[n * D + d] = acc;
-            else
-                smoe_elementwise::store(reinterpret_cast<uint16_t*>(out.mutable_data_ptr<bf16>()), n * D + d, acc);
-        }
+    if (x.scalar_type() == at::kFloat)
+        sum_slots(y.const_data_ptr<float>(), out.mutable_data_ptr<float>(), N, K, D);
+    else
+        sum_slots(y.const_data_ptr<float>(), reinterpret_cast<uint16_t*>(out.mutable_data_ptr<bf16>()), N, K, D);
     return out;
 }
 
