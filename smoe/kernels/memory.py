@@ -1,4 +1,5 @@
-"""CPU tensors in transparent huge pages (Linux): 2 MiB pages for the weights a decode step streams.
+"""CPU memory: transparent huge pages (Linux) for the weights a decode step streams, and a malloc that
+keeps freed memory for reuse (glibc) so a training step's gradients cost no page faults.
 
 With the default 4 KiB pages, a single core streaming a weight matrix takes a TLB miss every 4 KiB
 and its prefetchers stop at every page boundary; on this machine's EPYC that held a one-thread
@@ -10,8 +11,10 @@ Where the kernel has THP off (or on non-Linux systems) they return ordinary tens
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import mmap
+import os
 from pathlib import Path
 
 import torch
@@ -114,3 +117,30 @@ def huge_page_bytes(t: torch.Tensor) -> int:
         elif cur is not None and line.startswith("AnonHugePages:"):
             total += int(line.split()[1]) * 1024
     return min(total, t.nbytes)
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse, large blocks included; True where it took effect.
+
+    By default glibc serves blocks over 32 MiB (less, before its threshold adapts) with fresh mmaps and gives
+    them back on free, so each training step pays a page fault per 4 KiB of every large tensor it makes
+    again: an 8-expert layer's stacked weight gradients, set to None by zero_grad and re-made by the next
+    backward. With no mmaps and no trimming, freed memory stays in the heap and is reused, as jemalloc or
+    tcmalloc (what PyTorch's CPU tuning guides preload) would do; the process then holds its peak memory.
+    Set SMOE_KEEP_FREED_MEMORY=0 to leave malloc as it is. Process-wide and idempotent; False off glibc."""
+    if os.environ.get("SMOE_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 (an AttributeError off glibc)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # -1: never trim (mallopt(3)); trimming goes first, or memory freed with mmaps off would leave through the top
+    return bool(mallopt(M_TRIM_THRESHOLD, -1)) and bool(mallopt(M_MMAP_MAX, 0))

@@ -1,8 +1,15 @@
-"""Huge-page placement of CPU tensors: same values, tied weights stay tied, loads land there."""
+"""Huge-page placement of CPU tensors: same values, tied weights stay tied, loads land there; and a malloc that
+keeps freed memory: a large tensor made again costs no page faults."""
 
 from __future__ import annotations
 
 import mmap
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +84,43 @@ def test_kv_cache_buffers_are_zero():
     cache = KVCache(2, 1, 4, 128, 4096)  # 8 MB per layer and tensor: huge pages where available
     assert len(cache.k) == 2 and all(t.shape == (1, 4, 4097, 128) and not t.any() for t in cache.k + cache.v)
     assert cache.k[0].data_ptr() != cache.k[1].data_ptr()
+
+
+GLIBC = platform.libc_ver()[0] == "glibc"
+_FAULTS = textwrap.dedent("""
+    import resource, torch
+    from smoe.kernels.memory import keep_freed_memory
+
+    def faults_of_a_large_tensor_made_again():
+        for _ in range(2):
+            r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t = torch.empty(64 << 20, dtype=torch.uint8)
+            t.fill_(1)
+            del t
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
+
+    before = faults_of_a_large_tensor_made_again()
+    kept = keep_freed_memory()
+    faults_of_a_large_tensor_made_again()  # the first one after: memory from the heap, faulted once
+    print(before, kept, faults_of_a_large_tensor_made_again(), keep_freed_memory())
+""")
+
+
+def _child(env: dict[str, str]) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env}, cwd=Path(__file__).resolve().parents[2])
+    return out.stdout.split()
+
+
+@pytest.mark.skipif(not GLIBC, reason="keep_freed_memory tunes glibc's malloc")
+def test_kept_freed_memory_spares_the_page_faults_of_a_large_tensor_made_again():
+    before, kept, after, again = _child({})
+    # 64 MiB is 16384 pages of 4 KiB: glibc maps it afresh each time, then no longer
+    assert kept == again == "True"
+    assert int(before) >= 8192 and int(after) < 256, (before, after)
+
+
+@pytest.mark.skipif(not GLIBC, reason="keep_freed_memory tunes glibc's malloc")
+def test_keep_freed_memory_can_be_turned_off():
+    before, kept, after, _ = _child({"SMOE_KEEP_FREED_MEMORY": "0"})
+    assert kept == "False" and int(after) >= 8192
