@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from smoe.kernels.memory import keep_freed_memory
 from smoe.train import checkpoint as ckpt
 from smoe.train.logs import RunLog, bar_kwargs, fmt_line, measure_peak_flops, train_flops_per_token
 from smoe.train.losses import IGNORE, ROUTER_METRICS, LMObjective, StepShare, imbalance, routed_tokens, slot_counts
@@ -291,6 +292,8 @@ class Trainer:
             raise ckpt.ResumeError(f"{self.run_dir} already holds checkpoints: resume it (--resume) or use "
                                    f"another output directory")
         torch.manual_seed(cfg.seed) if self.resumed_from is None else None
+        if self.model.device.type == "cpu":  # every step re-makes the gradients: reuse their memory (no page faults)
+            keep_freed_memory()
         self.log = RunLog(self.run_dir, self.step if self.resumed_from else None, cfg.tensorboard)
         dtype = {None: torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.autocast]
         self.peak_flops = measure_peak_flops(dtype, self.model.device)
