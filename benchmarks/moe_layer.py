@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from smoe.kernels import BACKENDS  # noqa: E402
 from smoe.kernels.grouped import sort_by_expert  # noqa: E402
 from smoe.kernels.linear import linear  # noqa: E402
+from smoe.kernels.memory import keep_freed_memory  # noqa: E402
 from smoe.kernels.timing import median, time_interleaved  # noqa: E402
 from smoe.model.config import get_preset  # noqa: E402
 from smoe.model.transformer import MoE, route  # noqa: E402
@@ -260,9 +261,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/benchmarks/moe_layer.json")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (by default it keeps freed memory, as smoe's trainer makes it)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = not args.default_malloc and keep_freed_memory()
     cfg = get_preset(args.preset)
     changes = {k: v for k, v in (("dim", args.dim), ("hidden_dim", args.hidden_dim), ("n_experts", args.experts),
                                  ("top_k", args.top_k)) if v is not None}
@@ -270,9 +274,10 @@ def main(argv: list[str] | None = None) -> dict:
     impls = args.impls or (DEFAULT_IMPLS + (["triton", "torch_grouped_mm"] if args.device.startswith("cuda") else []))
     main_impl = "triton" if "triton" in impls and "triton" in BACKENDS and args.device.startswith("cuda") else "grouped"
     shape = {"dim": cfg.dim, "hidden_dim": cfg.hidden_dim, "n_experts": cfg.n_experts, "top_k": cfg.top_k}
-    result = {"machine": machine(args.device), "statistic": args.stat, "shape": shape,
+    result = {"machine": machine(args.device), "statistic": args.stat, "shape": shape, "freed_memory_kept": kept,
               "command": " ".join(sys.argv), "cases": []}
-    print(f"MoE layer: D={cfg.dim} H={cfg.hidden_dim} E={cfg.n_experts} K={cfg.top_k}; {result['machine']}")
+    print(f"MoE layer: D={cfg.dim} H={cfg.hidden_dim} E={cfg.n_experts} K={cfg.top_k}; {result['machine']}; "
+          f"malloc keeps freed memory: {'yes' if kept else 'no'}")
     tables = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)

@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smoe import Transformer  # noqa: E402
+from smoe.kernels.memory import keep_freed_memory  # noqa: E402
 from smoe.kernels.timing import median, time_interleaved  # noqa: E402
 from smoe.model.config import ModelConfig, get_preset  # noqa: E402
 from smoe.train.losses import LMObjective  # noqa: E402
@@ -88,7 +89,10 @@ def main() -> None:
     ap.add_argument("--experts-impl", default=None, help="transformers' experts_implementation (default: its own "
                     "choice; 'eager' is the per-expert loop)")
     ap.add_argument("--out", default="runs/benchmarks/train_step.json")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's malloc as it is (by default it keeps freed memory, as smoe's trainer makes it)")
     args = ap.parse_args()
+    kept = not args.default_malloc and keep_freed_memory()  # for both models: they share this process
     rows = []
     for name in args.shapes.split(","):
         cfg = shape(name).replace(max_seq_len=max(args.seq, 256))
@@ -107,13 +111,14 @@ def main() -> None:
         total, active = cfg.num_params()
         rows.append({"shape": name, "params_M": round(total / 1e6, 2), "active_M": round(active / 1e6, 2),
                      "batch": args.batch, "seq": args.seq, "device": args.device, "autocast": args.autocast,
-                     "threads": torch.get_num_threads(),
+                     "threads": torch.get_num_threads(), "freed_memory_kept": kept,
                      "hf_experts_impl": getattr(hf.config, "_experts_implementation", None),
                      "first_loss_smoe": l_ours, "first_loss_hf": l_hf,
                      "smoe_s": t_ours, "hf_s": t_hf, "smoe_tok_s": n_tok / t_ours, "hf_tok_s": n_tok / t_hf,
                      "speedup": t_hf / t_ours, "samples_smoe": times["smoe"], "samples_hf": times["transformers"]})
     print(f"\ntraining step (forward + CE + aux loss + backward + AdamW), batch {args.batch} x {args.seq} tokens, "
-          f"{args.device}, {torch.get_num_threads()} threads, autocast {args.autocast}")
+          f"{args.device}, {torch.get_num_threads()} threads, autocast {args.autocast}, malloc keeps freed memory: "
+          f"{'yes' if kept else 'no'}")
     print("| shape | params (active) | transformers experts | transformers tok/s | smoe tok/s | smoe / transformers |")
     print("|---|---|---|---|---|---|")
     for r in rows:
