@@ -40,6 +40,7 @@ def make(N, D, H, E, K, seed=0, skew=False):
     (33, 32, 64, 8, 1, False),     # top-1
     (300, 64, 96, 8, 2, True),     # two experts take every slot: blocks of 256 tokens and a remainder
     (24, 128, 2080, 3, 2, False),  # hidden dim in chunks of 1024 and a remainder of 32
+    (600, 512, 1056, 2, 2, True),  # weights past 2 MB per expert: blocks of 512 tokens and a remainder
 ])
 def test_within_the_naive_loops_bf16_error(N, D, H, E, K, skew):
     # The op sums bf16 products in fp32, rounds h = silu(a1) * a3 once to bf16 and the output once; the naive loop
