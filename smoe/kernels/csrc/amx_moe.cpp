@@ -36,6 +36,8 @@
 #include <tuple>
 #include <vector>
 
+#include "simd512.h"
+
 #if !defined(__AMX_BF16__) || !defined(__AVX512BF16__)
 #error "amx_moe.cpp is built with -mamx-tile -mamx-bf16 and the avx512 flags"
 #endif
@@ -43,6 +45,7 @@
 namespace {
 
 using bf16 = at::BFloat16;
+using smoe_simd512::swiglu16;
 constexpr int64_t kHidden = 1024;  // hidden units per chunk: its h tiles (block_tokens x 1024 bf16) stay in L2
 constexpr int64_t kTileBytes = 1024;  // 16 rows of 64 bytes
 constexpr int64_t kTileElems = kTileBytes / 2;
@@ -68,31 +71,6 @@ void configure_tiles() {
 bool amx_permitted() {
     static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
     return ok;
-}
-
-// exp(x) in fp32 (Cephes' expf polynomial, about 1 ulp), 16 lanes
-inline __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-    return _mm512_scalef_ps(p, n);
-}
-
-// silu(a1) * a3 = a1 a3 / (1 + exp(-a1)); the reciprocal by rcp14 and one Newton step (vdivps would take 16 cycles)
-inline __m512 swiglu16(__m512 a1, __m512 a3) {
-    const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), a1)));
-    __m512 r = _mm512_rcp14_ps(d);
-    r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
-    return _mm512_mul_ps(_mm512_mul_ps(a1, a3), r);
 }
 
 // r[i][j] -> r[j][i] for a 16 x 16 fp32 block held in 16 vectors

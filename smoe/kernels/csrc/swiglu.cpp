@@ -7,6 +7,7 @@
 //     da1 = w dh a3 silu'(a1), the last written over dh.
 // fp32 or bf16 tensors, all of one dtype; the math is fp32 and every output is rounded once. torch's code takes
 // one pass (and, for bf16, a rounding) per operation, and a new tensor for most: 4-5 passes over S x H each way.
+// The AVX-512 builds take the rows in 16 lanes by hand (simd512.h); the AVX2 build, plain loops gcc vectorizes.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -17,11 +18,44 @@
 #include <utility>
 
 #include "elementwise.h"
+#include "simd512.h"
 
 namespace {
 
 using namespace smoe_elementwise;
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+using namespace smoe_simd512;
+
+// One row each, 16 lanes at a time, the tail masked. By hand, bf16 rows take about 0.7x the time of gcc's vectorized
+// loops below and fp32 ones alike forward, 0.9x backward (2048 x 1536, 1 thread of a Xeon with AMX)
+template <typename T>
+void swiglu_row(const T* a1, const T* a3, T* out, int64_t H) {
+    for (int64_t j = 0; j < H; j += 16) {
+        const __mmask16 m = lanes(H - j);
+        store16(out + j, swiglu16(load16(a1 + j, m), load16(a3 + j, m)), m);
+    }
+}
+
+template <typename T>
+float swiglu_backward_row(T* dh, const T* a1, const T* a3, float ws, T* da3, T* hw, int64_t H) {
+    const __m512 w = _mm512_set1_ps(ws), one = _mm512_set1_ps(1.f);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < H; j += 16) {
+        const __mmask16 m = lanes(H - j);
+        const __m512 x = load16(a1 + j, m), g = load16(a3 + j, m), d = load16(dh + j, m);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), x)), sg = reciprocal16(_mm512_add_ps(one, e));
+        const __m512 silu = _mm512_mul_ps(x, sg), h = _mm512_mul_ps(silu, g), dwh = _mm512_mul_ps(w, d);
+        acc = _mm512_fmadd_ps(d, h, acc);
+        store16(hw + j, _mm512_mul_ps(w, h), m);
+        store16(da3 + j, _mm512_mul_ps(dwh, silu), m);
+        // 1 - sg as e sg: no cancellation for large x
+        const __m512 dsilu = _mm512_mul_ps(sg, _mm512_fmadd_ps(x, _mm512_mul_ps(e, sg), one));
+        store16(dh + j, _mm512_mul_ps(_mm512_mul_ps(dwh, g), dsilu), m);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+#else
 // One row each; kept out of line so that the one vectorized body serves both the threads' loops and the serial
 // call at::parallel_for makes inline (where gcc 12 left an inlined copy scalar: 13 ns per element)
 template <typename T>
@@ -48,6 +82,7 @@ __attribute__((noinline)) float swiglu_backward_row(T* dh, const T* a1, const T*
     }
     return acc;
 }
+#endif
 
 int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)); }
 
