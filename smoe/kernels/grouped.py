@@ -113,10 +113,24 @@ def segment_mm_t(x_SI: torch.Tensor, w_EOI: torch.Tensor, segs: list[tuple[int, 
     return out_SO
 
 
+def amx_wgrad_takes(a_SO: torch.Tensor, b_SI: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether segment_wgrad runs as smoe's AMX op (native.amx_segment_wgrad): bf16 in and out on a CPU with AMX,
+    widths multiples of 32, and a the wider side (w1's and w3's gradients, a = dL/da1: there oneDNN reads the
+    transposed left side slowly; for w2's, a = dL/dy, its product of a contiguous a.T measured faster than the op)."""
+    return (a_SO.dtype == b_SI.dtype == (dtype or a_SO.dtype) == torch.bfloat16 and a_SO.is_cpu and b_SI.is_cpu
+            and a_SO.shape[1] > b_SI.shape[1] and a_SO.shape[1] % 32 == 0 and b_SI.shape[1] % 32 == 0
+            and not torch.compiler.is_compiling() and native.amx())
+
+
 def segment_wgrad(a_SO: torch.Tensor, b_SI: torch.Tensor, segs: list[tuple[int, int, int]], n_experts: int,
                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per expert a[run].T @ b[run]: the gradient of a stacked weight (E, O, I), in dtype (default a's:
     another one is rounded from a's one expert at a time); zero for empty experts."""
+    if amx_wgrad_takes(a_SO, b_SI, dtype):
+        counts = [0] * n_experts
+        for e, lo, hi in segs:
+            counts[e] = hi - lo
+        return native.amx_segment_wgrad(a_SO, b_SI, counts)
     out_EOI = a_SO.new_empty(n_experts, a_SO.shape[1], b_SI.shape[1], dtype=dtype or a_SO.dtype)
     buf = None if out_EOI.dtype == a_SO.dtype else a_SO.new_empty(out_EOI.shape[1:])
     # oneDNN's bf16 product takes a transposed left side slowly: where a is the narrower side (w2's gradient,

@@ -1,13 +1,15 @@
 """smoe's own CPU kernels (csrc/): matrix-vector products for decode (gemv.cpp), SwiGLU's elementwise passes
-(swiglu.cpp), the MoE router (route.cpp) and, on CPUs with AMX, the fused bf16 MoE (amx_moe.cpp), for x86-64.
+(swiglu.cpp), the MoE router (route.cpp) and, on CPUs with AMX, the fused bf16 MoE and its backward's weight
+gradients (amx_moe.cpp), for x86-64.
 
 Built on first use with the C++ compiler torch.compile already needs (about 15 s, once per source, torch
 version and instruction set, kept beside the AOT steps in $SMOE_CACHE/native), for the CPU's instruction
 set: "amx" (AVX-512 with BF16 and AMX tiles: Sapphire Rapids and later), "avx512" (AVX-512 with BF16 dot
 products: Zen 4) or "avx2" (AVX2 and FMA: x86-64 CPUs since 2013-2015). Loaded as torch ops
-(smoe_native::gemv, expert_gemv, moe_gemv, swiglu, swiglu_backward, route, amx_moe, amx_moe_keep), which
-torch.compile and AOTInductor call like any op. Where the CPU has none of these instruction sets, no compiler works, or
-SMOE_NATIVE=0, `available()` is False (a failed build warns once) and callers keep their torch code.
+(smoe_native::gemv, expert_gemv, moe_gemv, swiglu, swiglu_backward, route, amx_moe, amx_moe_keep,
+amx_segment_wgrad), which torch.compile and AOTInductor call like any op. Where the CPU has none of these
+instruction sets, no compiler works, or SMOE_NATIVE=0, `available()` is False (a failed build warns once) and
+callers keep their torch code.
 """
 
 from __future__ import annotations
@@ -219,6 +221,12 @@ def amx_moe_keep(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor,
     """amx_moe for training's forward: (out, a1_SH, a3_SH), the pre-activations x w1^T and x w3^T in bf16, one
     row per token-slot in the order of a stable sort of the slots by expert (grouped.sort_by_expert's)."""
     return torch.ops.smoe_native.amx_moe_keep(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
+
+
+def amx_segment_wgrad(a_SM: torch.Tensor, b_SN: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """(E, M, N) bf16: a[run].T @ b[run] for each expert's run of counts[e] rows in order, zero for an empty one (the
+    grouped backward's weight gradients, on AMX tiles; bf16 a and b, M and N multiples of 32)."""
+    return torch.ops.smoe_native.amx_segment_wgrad(a_SM, b_SN, counts)
 
 
 def moe_gemv(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,

@@ -1,7 +1,8 @@
 """smoe's fused MoE on AMX tiles (native.amx_moe, csrc/amx_moe.cpp): against float64 and the naive bf16 loop
 over routings and shapes (empty experts, one expert taking every slot, several token blocks and hidden chunks),
 its training form (amx_moe_keep) against the segment path's gradients, where grouped_moe takes them, and bad
-inputs. Runs on CPUs with AMX-BF16 (Sapphire Rapids and later); elsewhere only the build is checked
+inputs; the backward's weight gradients on AMX tiles (amx_segment_wgrad) against float64 and the library's
+products. Runs on CPUs with AMX-BF16 (Sapphire Rapids and later); elsewhere only the build is checked
 (test_native.py builds every instruction set)."""
 
 from __future__ import annotations
@@ -133,3 +134,48 @@ def test_bad_inputs_are_named():
         native.amx_moe(x[:, :48], w1[..., :48], w2[:, :48], w3[..., :48], experts, weights)
     with pytest.raises(RuntimeError, match=r"w2 \(E, D, H\)"):
         native.amx_moe(x, w1, w2.transpose(1, 2), w3, experts, weights)
+
+
+@pytest.mark.parametrize("counts,M,N", [
+    ([0, 5, 33, 64, 1], 96, 64),  # empty experts, runs of a chunk's remainder, one and several 32-row chunks
+    ([130], 64, 32),              # one expert takes every row
+    ([7, 0, 40], 32, 96),         # a narrower than b (the op takes either; segment_wgrad routes only the wider)
+    ([300, 17], 1024, 64),        # 32 x 32 output blocks split across the intra-op threads
+])
+def test_segment_wgrad_against_float64(counts, M, N):
+    g = torch.Generator().manual_seed(sum(counts) + M)
+    a, b = torch.randn(sum(counts), M, generator=g).bfloat16(), torch.randn(sum(counts), N, generator=g).bfloat16()
+    got = native.amx_segment_wgrad(a, b, counts)
+    assert got.shape == (len(counts), M, N) and got.dtype == torch.bfloat16
+    lo = 0
+    for e, c in enumerate(counts):
+        ar, br = a[lo:lo + c].double(), b[lo:lo + c].double()
+        exact, mass = ar.t() @ br, ar.abs().t() @ br.abs()
+        # fp32 sums of exact products, rounded once to bf16
+        assert ((got[e].double() - exact).abs() <= 2**-8 * exact.abs() + c * 2**-24 * mass + 1e-30).all(), e
+        lo += c
+
+
+def test_grouped_backward_takes_it_for_w1_and_w3_with_the_librarys_gradients(monkeypatch):
+    from tests.kernels.test_kernel_backends import run_with_grads
+    args = make(200, 64, 96, 8, 2, seed=5)
+    with unittest.mock.patch.object(native, "amx_segment_wgrad", wraps=native.amx_segment_wgrad) as op:
+        y0, g0 = run_with_grads(G.grouped_moe, *args)
+        assert op.call_count == 2  # dL/dw1 and dL/dw3; dL/dw2 (a = dL/dy, the narrower side) by the library
+    monkeypatch.setattr(G, "amx_wgrad_takes", lambda *t: False)
+    y1, g1 = run_with_grads(G.grouped_moe, *args)
+    assert torch.equal(y0, y1)
+    for a, b in zip(g0, g1):  # the same fp32 sums in another order, rounded once: a bf16 step at most
+        assert (a.double() - b.double()).abs().max() <= 2**-7 * b.double().abs().max() + 1e-6
+
+
+def test_segment_wgrad_bad_inputs_are_named():
+    a, b = torch.randn(10, 64).bfloat16(), torch.randn(10, 32).bfloat16()
+    with pytest.raises(ValueError, match="counts sum to 9, a and b have 10 rows"):
+        native.amx_segment_wgrad(a, b, [4, 5])
+    with pytest.raises(ValueError, match="negative count -1"):
+        native.amx_segment_wgrad(a, b, [11, -1])
+    with pytest.raises(RuntimeError, match="multiples of 32, got 48 and 32"):
+        native.amx_segment_wgrad(a[:, :48], b, [10])
+    with pytest.raises(RuntimeError, match=r"bfloat16 CPU tensors, got \[10, 64\] Float"):
+        native.amx_segment_wgrad(a.float(), b, [10])
