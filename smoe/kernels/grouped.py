@@ -115,17 +115,22 @@ def segment_mm_t(x_SI: torch.Tensor, w_EOI: torch.Tensor, segs: list[tuple[int, 
 
 def amx_wgrad_takes(a_SO: torch.Tensor, b_SI: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     """Whether segment_wgrad runs as smoe's AMX op (native.amx_segment_wgrad): bf16 in and out on a CPU with AMX,
-    widths multiples of 32, and a the wider side (w1's and w3's gradients, a = dL/da1: there oneDNN reads the
-    transposed left side slowly; for w2's, a = dL/dy, its product of a contiguous a.T measured faster than the op)."""
+    widths multiples of 32, outside torch.compile."""
     return (a_SO.dtype == b_SI.dtype == (dtype or a_SO.dtype) == torch.bfloat16 and a_SO.is_cpu and b_SI.is_cpu
-            and a_SO.shape[1] > b_SI.shape[1] and a_SO.shape[1] % 32 == 0 and b_SI.shape[1] % 32 == 0
-            and not torch.compiler.is_compiling() and native.amx())
+            and a_SO.shape[1] % 32 == 0 and b_SI.shape[1] % 32 == 0 and not torch.compiler.is_compiling()
+            and native.amx())
 
 
 def segment_wgrad(a_SO: torch.Tensor, b_SI: torch.Tensor, segs: list[tuple[int, int, int]], n_experts: int,
                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per expert a[run].T @ b[run]: the gradient of a stacked weight (E, O, I), in dtype (default a's:
-    another one is rounded from a's one expert at a time); zero for empty experts."""
+    another one is rounded from a's one expert at a time); zero for empty experts.
+
+    bf16 on a CPU with AMX runs as smoe's op (amx_wgrad_takes), which packs each expert's rows once: oneDNN's
+    products repack theirs and read a transposed left side slowly (w1's and w3's gradients, a = dL/da1, took 1.7x
+    the time of w2's for the same work). The medium preset's layer, bf16 forward+backward, 1 thread of a Xeon with
+    AMX, in-process A/B: 1.14-1.16x faster at 512 tokens, 1.07x at 4096 with the op for w1 and w3; w2's too: 1.04x
+    more at 512, 1.0-1.02x at 4096."""
     if amx_wgrad_takes(a_SO, b_SI, dtype):
         counts = [0] * n_experts
         for e, lo, hi in segs:
@@ -134,8 +139,9 @@ def segment_wgrad(a_SO: torch.Tensor, b_SI: torch.Tensor, segs: list[tuple[int, 
     out_EOI = a_SO.new_empty(n_experts, a_SO.shape[1], b_SI.shape[1], dtype=dtype or a_SO.dtype)
     buf = None if out_EOI.dtype == a_SO.dtype else a_SO.new_empty(out_EOI.shape[1:])
     # oneDNN's bf16 product takes a transposed left side slowly: where a is the narrower side (w2's gradient,
-    # a = dL/dy), a contiguous copy of a.T goes first (the medium preset's layer, bf16 forward+backward on a Xeon
-    # with AMX, in-process A/B: 1.02-1.05x faster at 512 tokens, 1.03-1.06x at 4096; fp32 (MKL) 0.98-1.0x: not there)
+    # a = dL/dy), a contiguous copy of a.T goes first (measured on a Xeon with AMX before the op above took its
+    # gradients: the medium preset's layer, bf16 forward+backward, 1.02-1.05x faster at 512 tokens, 1.03-1.06x at
+    # 4096; fp32 (MKL) 0.98-1.0x: not there). CPUs with bf16 products but no AMX (Zen 4) keep it
     transpose_a = a_SO.dtype == torch.bfloat16 and a_SO.is_cpu and a_SO.shape[1] < b_SI.shape[1]
     active = set()
     for e, lo, hi in segs:

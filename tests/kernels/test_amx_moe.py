@@ -139,7 +139,7 @@ def test_bad_inputs_are_named():
 @pytest.mark.parametrize("counts,M,N", [
     ([0, 5, 33, 64, 1], 96, 64),  # empty experts, runs of a chunk's remainder, one and several 32-row chunks
     ([130], 64, 32),              # one expert takes every row
-    ([7, 0, 40], 32, 96),         # a narrower than b (the op takes either; segment_wgrad routes only the wider)
+    ([7, 0, 40], 32, 96),         # a narrower than b (w2's gradient)
     ([300, 17], 1024, 64),        # 32 x 32 output blocks split across the intra-op threads
 ])
 def test_segment_wgrad_against_float64(counts, M, N):
@@ -156,12 +156,12 @@ def test_segment_wgrad_against_float64(counts, M, N):
         lo += c
 
 
-def test_grouped_backward_takes_it_for_w1_and_w3_with_the_librarys_gradients(monkeypatch):
+def test_grouped_backward_takes_it_with_the_librarys_gradients(monkeypatch):
     from tests.kernels.test_kernel_backends import run_with_grads
     args = make(200, 64, 96, 8, 2, seed=5)
     with unittest.mock.patch.object(native, "amx_segment_wgrad", wraps=native.amx_segment_wgrad) as op:
         y0, g0 = run_with_grads(G.grouped_moe, *args)
-        assert op.call_count == 2  # dL/dw1 and dL/dw3; dL/dw2 (a = dL/dy, the narrower side) by the library
+        assert op.call_count == 3  # dL/dw1, dL/dw2, dL/dw3
     monkeypatch.setattr(G, "amx_wgrad_takes", lambda *t: False)
     y1, g1 = run_with_grads(G.grouped_moe, *args)
     assert torch.equal(y0, y1)
