@@ -87,6 +87,16 @@ def default_backend(device: torch.device) -> str:
 
 def moe_experts(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
                 experts_NK: torch.Tensor, weights_NK: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    """Run the chosen experts of every token and sum their outputs with the router weights."""
+    """Run the chosen experts of every token and sum their outputs with the router weights.
+
+    Under autocast the experts run in its dtype, as its linear layers do: x, the weights and the router weights
+    cast (gradients reach fp32 parameters in fp32), the output in that dtype. The backends' own products (custom
+    ops, out= matmuls) are not ones autocast casts, so without this an autocast model's experts stayed fp32."""
+    dev = x_ND.device.type
+    if torch.is_autocast_enabled(dev) and x_ND.is_floating_point():
+        dt = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return moe_experts(*(t.to(dt) for t in (x_ND, w1_EHD, w2_EDH, w3_EHD)), experts_NK, weights_NK.to(dt),
+                               backend)
     fn = get_backend(backend or default_backend(x_ND.device))
     return fn(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)

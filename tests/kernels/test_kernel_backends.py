@@ -174,3 +174,21 @@ def test_unknown_backend_is_named():
     from smoe.kernels import get_backend
     with pytest.raises(ValueError, match="unknown MoE backend 'fast'"):
         get_backend("fast")
+
+
+@pytest.mark.parametrize("backend", ["naive", "grouped"])
+def test_experts_run_in_the_autocast_dtype(backend):
+    # fp32 parameters under CPU bf16 autocast: the experts compute in bf16, as autocast's linear layers do (its casts
+    # never reach the backends' own products), and the gradients reach the fp32 tensors in fp32
+    x, w1, w2, w3, experts, weights = make(40, 64, 96, 8, 2, seed=7)
+    leaves = [t.clone().requires_grad_() for t in (x, w1, w2, w3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe_experts(*leaves, experts, weights, backend)
+    assert y.dtype == torch.bfloat16
+    (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    by_hand = [t.bfloat16().requires_grad_() for t in (x, w1, w2, w3)]
+    y_bf16 = moe_experts(*by_hand, experts, weights.bfloat16(), backend)
+    (y_bf16.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    assert torch.equal(y, y_bf16)
+    for a, b in zip(leaves, by_hand):
+        assert a.grad.dtype == torch.float32 and torch.equal(a.grad, b.grad.float())
