@@ -153,6 +153,7 @@ def test_weight_decay_only_on_matrices_and_schedule():
     norms = {id(m.weight) for m in model.modules() if type(m).__name__ == "RMSNorm"}
     assert norms == {id(p) for p in no_decay["params"]}
     assert any(p.dim() == 3 for p in decay["params"])  # stacked expert matrices are decayed
+    assert decay["fused"] and no_decay["fused"]  # torch's one-pass kernel for CPU float parameters
     cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_at(0, cfg, 110) == pytest.approx(0.1) and lr_at(9, cfg, 110) == pytest.approx(1.0)
     assert lr_at(60, cfg, 110) == pytest.approx(0.55) and lr_at(110, cfg, 110) == pytest.approx(0.1)
