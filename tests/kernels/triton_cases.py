@@ -183,6 +183,17 @@ def test_gradients_go_through_the_grouped_path():
         assert (a - b).abs().max() <= 1e-5
 
 
+def test_under_autocast_the_kernels_run_in_its_dtype():
+    from smoe.kernels import moe_experts
+    x, w1, w2, w3, experts, weights = make(13, 16, 24, 4, 2)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = moe_experts(x, w1, w2, w3, experts, weights, "triton")
+    by_hand = [t.bfloat16() for t in (x, w1, w2, w3)]
+    with torch.no_grad():
+        assert y.dtype == torch.bfloat16
+        assert torch.equal(y, moe_experts(*by_hand, experts, weights.bfloat16(), "triton"))
+
+
 def test_registered_and_chosen_on_cuda_only():
     assert "triton" in BACKENDS
     assert default_backend(torch.device("cpu")) == "grouped"
