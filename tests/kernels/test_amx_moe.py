@@ -91,6 +91,21 @@ def test_keep_hands_back_the_pre_activations_in_sorted_slot_order(N, D, H, E, K,
         assert ((got.double() - exact).abs() <= 2**-8 * exact.abs() + D * 2**-24 * mass + 1e-30).all()
 
 
+@pytest.mark.parametrize("H", [96, 160, 1056])
+def test_keep_is_the_same_on_any_split_of_hidden_tiles(H):
+    # pairs of hidden tiles write whole lines of a1 and a3; a thread's range may start or end at an odd tile
+    args = make(40, 64, H, 4, 2, seed=H)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.amx_moe_keep(*args)
+        torch.set_num_threads(2)
+        two = native.amx_moe_keep(*args)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(p, q) for p, q in zip(one, two))
+
+
 def test_grouped_training_forward_takes_keep_with_the_segment_paths_gradients(monkeypatch):
     from tests.kernels.test_kernel_backends import run_with_grads
     args = make(64, 64, 96, 8, 2, seed=3)

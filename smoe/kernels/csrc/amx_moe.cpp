@@ -227,18 +227,28 @@ void swiglu_to_b_tiles(const float* c, int64_t tiles, bf16* hb, int64_t hchunks,
 }
 
 // The pre-activations of hidden tile ht (rows 16 ht..) for `n` slots, from c as tile_rows left it (A0 = w1, A1 =
-// w3), rounded to bf16 into rows of a1 and a3 (H wide; row j is the block's slot j)
-void keep_pre_activations(const float* c, int64_t n, bf16* a1, bf16* a3, int64_t H, int64_t ht) {
+// w3), rounded to bf16 into rows of a1 and a3 (H wide; row j is the block's slot j). With c_next (tile ht + 1's, ht
+// even) each slot's 32 units are one whole 64-byte line, stored past the cache: no read for ownership of the fresh
+// a1 and a3 and no half lines (the medium preset's experts, 512 tokens, 1 thread of a Xeon with AMX: amx_moe_keep
+// 1.17-1.21x faster in in-process A/B, either order; its cost over amx_moe 2.8 -> 0.8 ms)
+void keep_pre_activations(const float* c, const float* c_next, int64_t n, bf16* a1, bf16* a3, int64_t H, int64_t ht) {
     for (int64_t t = 0; t * 16 < n; t++)
         for (int v = 0; v < 2; v++) {
-            const float* tile = c + t / 2 * 1024 + v * 512 + (t % 2) * 256;
-            __m512 r[16];
-            for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(tile + 16 * i);
+            const int64_t at = t / 2 * 1024 + v * 512 + (t % 2) * 256;
+            __m512 r[16], q[16];
+            for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(c + at + 16 * i);
             transpose16(r);  // r[j]: slot 16 t + j's 16 hidden units
-            bf16* out = v == 0 ? a1 : a3;
-            for (int j = 0; j < 16 && t * 16 + j < n; j++)
-                _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (t * 16 + j) * H + ht * 16),
-                                    (__m256i)_mm512_cvtneps_pbh(r[j]));
+            if (c_next != nullptr) {
+                for (int i = 0; i < 16; i++) q[i] = _mm512_loadu_ps(c_next + at + 16 * i);
+                transpose16(q);
+            }
+            bf16* out = (v == 0 ? a1 : a3) + t * 16 * H + ht * 16;
+            for (int j = 0; j < 16 && t * 16 + j < n; j++) {
+                if (c_next != nullptr)
+                    _mm512_stream_si512(reinterpret_cast<__m512i*>(out + j * H), (__m512i)_mm512_cvtne2ps_pbh(q[j], r[j]));
+                else
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j * H), (__m256i)_mm512_cvtneps_pbh(r[j]));
+            }
         }
 }
 
@@ -359,15 +369,22 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, 
             for (int64_t h0 = 0; h0 < H; h0 += kHidden) {
                 const int64_t hchunks = std::min(kHidden, H - h0) / 32;
                 at::parallel_for(h0 / 16, h0 / 16 + hchunks * 2, 4, [&](int64_t t0, int64_t t1) {
-                    Scratch<3, float> c(tiles_max / 2 * 1024 + 1024);
+                    // two C buffers: kept pre-activations of an even hidden tile wait for the odd one's
+                    const int64_t cn = tiles_max / 2 * 1024 + 1024;
+                    Scratch<3, float> c(2 * cn);
                     configure_tiles();
                     for (int64_t ht = t0; ht < t1; ht++) {
-                        const bool more = ht + 1 < t1;
-                        tile_rows(w1e + ht * 16 * D, w3e + ht * 16 * D, D, D / 32, xb.data, D / 32, tiles, c.data,
+                        const bool more = ht + 1 < t1, odd_of_pair = a1 != nullptr && ht % 2 == 1 && ht > t0;
+                        float* cc = c.data + (odd_of_pair ? cn : 0);
+                        tile_rows(w1e + ht * 16 * D, w3e + ht * 16 * D, D, D / 32, xb.data, D / 32, tiles, cc,
                                   more ? w1e + (ht + 1) * 16 * D : nullptr, w3e + (ht + 1) * 16 * D);
-                        if (a1 != nullptr) keep_pre_activations(c.data, n, a1 + b0 * H, a3 + b0 * H, H, ht);
-                        swiglu_to_b_tiles(c.data, tiles, hb.data, hchunks, ht - h0 / 16);
+                        if (odd_of_pair)
+                            keep_pre_activations(c.data, cc, n, a1 + b0 * H, a3 + b0 * H, H, ht - 1);
+                        else if (a1 != nullptr && (ht % 2 == 1 || !more))  // a tile without its pair
+                            keep_pre_activations(cc, nullptr, n, a1 + b0 * H, a3 + b0 * H, H, ht);
+                        swiglu_to_b_tiles(cc, tiles, hb.data, hchunks, ht - h0 / 16);
                     }
+                    _mm_sfence();
                     _tile_release();
                 });
                 at::parallel_for(0, D / 32, 2, [&](int64_t p0, int64_t p1) {
