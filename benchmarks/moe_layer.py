@@ -5,7 +5,9 @@ routing included), transformers' MixtralSparseMoeBlock with its default experts 
 (`grouped_mm`) and with `eager`, a dense SwiGLU of hidden top_k x H over the same tokens (the
 dense-equivalent: the ideal cost of the active parameters), and, forward only, the touched experts'
 own matmuls on pre-gathered rows (the floor at decode sizes). Prints a table per dtype and mode and
-writes JSON.
+writes JSON. On CPUs with AMX each row also shows the tile unit's rate before and after its timing (ns per
+tile product: where another VM shares the core it varies 3-4x within seconds, and bf16 timings with it;
+compare ratios of rows whose rates agree).
 
     .venv/bin/python benchmarks/moe_layer.py                       # medium-preset expert shape
     .venv/bin/python benchmarks/moe_layer.py --tokens 1 16 --dtypes float32 --modes fwd --repeat 3
@@ -30,7 +32,7 @@ from smoe.kernels import BACKENDS  # noqa: E402
 from smoe.kernels.grouped import sort_by_expert  # noqa: E402
 from smoe.kernels.linear import linear  # noqa: E402
 from smoe.kernels.memory import keep_freed_memory  # noqa: E402
-from smoe.kernels.timing import median, time_interleaved  # noqa: E402
+from smoe.kernels.timing import amx_ns_per_product, median, time_interleaved  # noqa: E402
 from smoe.model.config import get_preset  # noqa: E402
 from smoe.model.transformer import MoE, route  # noqa: E402
 
@@ -215,11 +217,14 @@ def run_case(cfg, w: dict, mods: dict, n_tokens: int, mode: str, repeat: int, de
             fns.pop(n)
             print(f"  {n} failed at {n_tokens} tokens ({mode}): {failed[n]}", flush=True)
     min_s = min_seconds if n_tokens <= 64 else 0.0  # more rounds where one round is short
+    amx_before = amx_ns_per_product(device)
     samples = time_interleaved(fns, repeat=repeat, warmup=0, device=device, min_seconds=min_s)
+    amx_after = amx_ns_per_product(device)
     pick = min if stat == "min" else median
     return {"seconds": {k: pick(v) for k, v in samples.items()}, "min_seconds": {k: min(v) for k, v in samples.items()},
             "max_abs_diff_vs_" + ref_name: err, "failed": failed,
-            "rounds": len(next(iter(samples.values())))}
+            "rounds": len(next(iter(samples.values()))),
+            "amx_ns_per_product": None if amx_before is None else [amx_before, amx_after]}
 
 
 def ratio(a: float | None, b: float | None) -> str:
@@ -231,11 +236,14 @@ def print_table(rows: list[dict], impls: list[str], title: str, main: str) -> st
     head = f"{'tokens':>7} " + " ".join(f"{c:>14}" for c in cols)
     refs = [c for c in ("dense", "hf_grouped_mm", "hf_eager", "matmuls", "torch_grouped_mm") if c in cols]
     head += "   " + " ".join(f"{main + '/' + r:>22}" for r in refs)
-    lines = [title, head + "   (ms)"]
+    amx = any(r.get("amx_ns_per_product") for r in rows)
+    lines = [title, head + ("   AMX ns/product before/after" if amx else "") + "   (ms)"]
     for r in rows:
         s = r["seconds"]
         line = f"{r['tokens']:>7} " + " ".join(f"{s[c] * 1e3:>14.3f}" if c in s else f"{'-':>14}" for c in cols)
         line += "   " + " ".join(f"{ratio(s.get(main), s.get(ref)):>22}" for ref in refs)
+        if r.get("amx_ns_per_product"):
+            line += "   {:>14.1f}/{:.1f}".format(*r["amx_ns_per_product"])
         lines.append(line)
     text = "\n".join(lines)
     print(text, flush=True)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smoe import Transformer  # noqa: E402
 from smoe.kernels.memory import keep_freed_memory  # noqa: E402
-from smoe.kernels.timing import median, time_interleaved  # noqa: E402
+from smoe.kernels.timing import amx_ns_per_product, median, time_interleaved  # noqa: E402
 from smoe.model.config import ModelConfig, get_preset  # noqa: E402
 from smoe.train.losses import LMObjective  # noqa: E402
 from smoe.train.recipes import QUICKSTART_MODEL  # noqa: E402
@@ -78,7 +78,7 @@ def make_steps(ours, hf, batch: dict, autocast: str | None, device: str):
     return step_ours, step_hf
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="quickstart,small", help="comma-separated: quickstart, tiny, small, medium")
     ap.add_argument("--batch", type=int, default=8)
@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/benchmarks/train_step.json")
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc's malloc as it is (by default it keeps freed memory, as smoe's trainer makes it)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     kept = not args.default_malloc and keep_freed_memory()  # for both models: they share this process
     rows = []
     for name in args.shapes.split(","):
@@ -104,8 +104,10 @@ def main() -> None:
         step_ours, step_hf = make_steps(ours, hf, batch, args.autocast, args.device)
         l_ours, l_hf = float(step_ours().detach()), float(step_hf().detach())  # first step: same weights, same loss
         assert abs(l_ours - l_hf) < 1e-3 * max(1.0, abs(l_hf)), (name, l_ours, l_hf)
+        amx_before = amx_ns_per_product(args.device)
         times = time_interleaved({"smoe": step_ours, "transformers": step_hf}, repeat=args.repeat, warmup=1,
                                  device=args.device)
+        amx = None if amx_before is None else [amx_before, amx_ns_per_product(args.device)]
         n_tok = args.batch * args.seq
         t_ours, t_hf = median(times["smoe"]), median(times["transformers"])
         total, active = cfg.num_params()
@@ -115,7 +117,8 @@ def main() -> None:
                      "hf_experts_impl": getattr(hf.config, "_experts_implementation", None),
                      "first_loss_smoe": l_ours, "first_loss_hf": l_hf,
                      "smoe_s": t_ours, "hf_s": t_hf, "smoe_tok_s": n_tok / t_ours, "hf_tok_s": n_tok / t_hf,
-                     "speedup": t_hf / t_ours, "samples_smoe": times["smoe"], "samples_hf": times["transformers"]})
+                     "speedup": t_hf / t_ours, "samples_smoe": times["smoe"], "samples_hf": times["transformers"],
+                     "amx_ns_per_product": amx})
     print(f"\ntraining step (forward + CE + aux loss + backward + AdamW), batch {args.batch} x {args.seq} tokens, "
           f"{args.device}, {torch.get_num_threads()} threads, autocast {args.autocast}, malloc keeps freed memory: "
           f"{'yes' if kept else 'no'}")
@@ -124,6 +127,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['shape']} | {r['params_M']}M ({r['active_M']}M) | {r['hf_experts_impl']} | {r['hf_tok_s']:,.0f} | "
               f"{r['smoe_tok_s']:,.0f} | {r['speedup']:.2f}x |")
+        if r["amx_ns_per_product"]:  # a shared tile unit slows both models' bf16 products, not alike
+            print("  AMX tile unit before/after: {:.1f}/{:.1f} ns per product".format(*r["amx_ns_per_product"]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2) + "\n")

@@ -7,7 +7,7 @@ version and instruction set, kept beside the AOT steps in $SMOE_CACHE/native), f
 set: "amx" (AVX-512 with BF16 and AMX tiles: Sapphire Rapids and later), "avx512" (AVX-512 with BF16 dot
 products: Zen 4) or "avx2" (AVX2 and FMA: x86-64 CPUs since 2013-2015). Loaded as torch ops
 (smoe_native::gemv, expert_gemv, moe_gemv, swiglu, swiglu_backward, route, amx_moe, amx_moe_keep,
-amx_segment_wgrad), which torch.compile and AOTInductor call like any op. Where the CPU has none of these
+amx_segment_wgrad, amx_probe), which torch.compile and AOTInductor call like any op. Where the CPU has none of these
 instruction sets, no compiler works, or SMOE_NATIVE=0, `available()` is False (a failed build warns once) and
 callers keep their torch code.
 """
@@ -227,6 +227,12 @@ def amx_segment_wgrad(a_SM: torch.Tensor, b_SN: torch.Tensor, counts: list[int])
     """(E, M, N) bf16: a[run].T @ b[run] for each expert's run of counts[e] rows in order, zero for an empty one (the
     grouped backward's weight gradients, on AMX tiles; bf16 a and b, M and N multiples of 32)."""
     return torch.ops.smoe_native.amx_segment_wgrad(a_SM, b_SN, counts)
+
+
+def amx_probe_ns(products: int = 1 << 16) -> float:
+    """Nanoseconds per AMX tile product (16 x 16 x 32, bf16 -> fp32) now, over that many on tiles in L1: where the
+    tile unit is shared (two VMs' vCPUs on one core) it runs 3-4x slower at times, which benchmarks report."""
+    return torch.ops.smoe_native.amx_probe(products)
 
 
 def moe_gemv(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,

@@ -45,6 +45,15 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def amx_ns_per_product(device: torch.device | str = "cpu") -> float | None:
+    """The CPU's AMX tile unit's rate now, in nanoseconds per tile product (native.amx_probe_ns, about 1 ms); None
+    off the CPU or where smoe's AMX kernels are not loaded. On a VM whose core another VM shares it varies 3-4x
+    within seconds, and every bf16 product with it: benchmarks print it beside their timings."""
+    if torch.device(device).type != "cpu" or not native.amx():
+        return None
+    return native.amx_probe_ns()
+
+
 def bandwidth_probe(nbytes: int = 512 * 2**20, device: torch.device | str = "cpu") -> Callable[[int], float]:
     """A streaming-read bandwidth probe over one float32 buffer far larger than cache (on the CPU in huge
     pages, as smoe places weights), allocated once: probe(repeat) is the best bytes/s of repeat sums.

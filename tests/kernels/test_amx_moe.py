@@ -194,3 +194,13 @@ def test_segment_wgrad_bad_inputs_are_named():
         native.amx_segment_wgrad(a[:, :48], b, [10])
     with pytest.raises(RuntimeError, match=r"bfloat16 CPU tensors, got \[10, 64\] Float"):
         native.amx_segment_wgrad(a.float(), b, [10])
+
+
+def test_probe_times_tile_products_and_names_bad_input():
+    from smoe.kernels.timing import amx_ns_per_product
+    rates = [native.amx_probe_ns(4096) for _ in range(3)]
+    assert all(0 < r < 1e5 for r in rates)  # nanoseconds per product: about 6 on a free unit, 20-30 shared
+    assert amx_ns_per_product() > 0 and amx_ns_per_product("meta") is None
+    with pytest.raises(ValueError, match="at least 8 products"):
+        native.amx_probe_ns(4)
+

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from smoe.kernels import native
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -34,7 +36,21 @@ def test_moe_layer_benchmark_runs(tmp_path, capsys):
         assert {"grouped", "naive", "hf_grouped_mm", "hf_eager", "dense"} <= set(case["seconds"])
         tol = 1e-5 if case["dtype"] == "float32" else 2e-2
         assert max(case["max_abs_diff_vs_naive"].values()) <= tol  # every implementation computed the same MoE
+        # the AMX tile unit's rate around each case, where smoe's AMX kernels load
+        rates = case["amx_ns_per_product"]
+        assert rates is None if not native.amx() else (len(rates) == 2 and min(rates) > 0)
+    assert ("AMX ns/product" in printed) == native.amx()
     assert res["shape"]["dim"] == 32
+
+
+def test_train_step_benchmark_runs(tmp_path, capsys):
+    out = tmp_path / "train_step.json"
+    load("train_step").main(["--shapes", "tiny", "--batch", "2", "--seq", "16", "--repeat", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "smoe / transformers" in printed and ("AMX tile unit" in printed) == native.amx()
+    (row,) = json.loads(out.read_text())
+    assert row["smoe_tok_s"] > 0 and row["hf_tok_s"] > 0 and abs(row["first_loss_smoe"] - row["first_loss_hf"]) < 1e-2
+    assert (row["amx_ns_per_product"] is None) != native.amx()
 
 
 def test_decode_benchmark_runs(tmp_path, capsys):

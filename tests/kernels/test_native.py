@@ -102,6 +102,11 @@ def test_bad_inputs_are_named():
         torch.ops.smoe_native.stream_sum(torch.ones(8), 3)
 
 
+def test_amx_rate_is_none_without_the_amx_kernels(monkeypatch):
+    from smoe.kernels.timing import amx_ns_per_product
+    monkeypatch.setattr(native, "amx", lambda: False)
+    assert amx_ns_per_product() is None  # benchmarks then print no AMX column
+
 @needs_native
 @pytest.mark.parametrize("streams", [1, 2, 4, 8])
 @pytest.mark.parametrize("n", [1, 100, 4096 + 37])

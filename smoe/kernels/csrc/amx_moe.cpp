@@ -9,6 +9,8 @@
 //   smoe_native::amx_segment_wgrad(a (S, M), b (S, N), counts (E,)) -> (E, M, N) bf16: a[rows].T @ b[rows] over each
 //     expert's run of counts[e] rows (in order), zero for an empty expert: the backward's weight gradients
 //     (smoe.kernels.grouped.segment_wgrad); M and N multiples of 32
+//   smoe_native::amx_probe(products) -> float: nanoseconds per tile product, timed over that many from L1 (for
+//     benchmarks: on a VM the tile unit may be shared with a neighbour, and then runs 3-4x slower)
 //
 // An AMX tile multiply C (16 x 16 fp32) += A (16 x 32 bf16) B (32 x 16 bf16, stored as 16 rows of 16 pairs)
 // takes A's rows as they lie in memory. So the weights are the A side, read in place (16 weight rows of 32
@@ -34,6 +36,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <tuple>
@@ -519,6 +522,36 @@ at::Tensor amx_segment_wgrad(const at::Tensor& a, const at::Tensor& b, at::IntAr
     return out;
 }
 
+// The rate of this core's tile unit now: `products` tile products (16 x 16 x 32, bf16 -> fp32) on tiles in L1, eight per
+// four tile loads as in the kernels' inner loops, in nanoseconds each
+double amx_probe(int64_t products) {
+    TORCH_CHECK_VALUE(products >= 8, "smoe_native::amx_probe: at least 8 products, got ", products);
+    TORCH_CHECK(amx_permitted(), "smoe_native::amx_probe: the kernel refused the AMX tile registers");
+    alignas(64) static thread_local bf16 tiles[4 * kTileElems];  // zeros
+    configure_tiles();
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const int64_t rounds = products / 8;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int64_t i = 0; i < rounds; i++) {
+        _tile_loadd(4, tiles, 64);
+        _tile_loadd(5, tiles + kTileElems, 64);
+        _tile_loadd(6, tiles + 2 * kTileElems, 64);
+        _tile_loadd(7, tiles + 3 * kTileElems, 64);
+        for (int r = 0; r < 2; r++) {
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    const auto t1 = std::chrono::steady_clock::now();
+    _tile_release();
+    return std::chrono::duration<double, std::nano>(t1 - t0).count() / double(rounds * 8);
+}
+
 at::Tensor amx_moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3,
                    const at::Tensor& experts, const at::Tensor& weights) {
     return moe(x, w1, w2, w3, experts, weights, nullptr, nullptr);
@@ -540,6 +573,7 @@ TORCH_LIBRARY_FRAGMENT(smoe_native, m) {
     m.def("amx_moe_keep(Tensor x, Tensor w1, Tensor w2, Tensor w3, Tensor experts, Tensor weights) -> "
           "(Tensor, Tensor, Tensor)");
     m.def("amx_segment_wgrad(Tensor a, Tensor b, int[] counts) -> Tensor");
+    m.def("amx_probe(int products) -> float", &amx_probe);  // no tensor to dispatch on: one kernel for all
 }
 
 TORCH_LIBRARY_IMPL(smoe_native, CPU, m) {
