@@ -248,7 +248,8 @@ void keep_pre_activations(const float* c, const float* c_next, int64_t n, bf16* 
             bf16* out = (v == 0 ? a1 : a3) + t * 16 * H + ht * 16;
             for (int j = 0; j < 16 && t * 16 + j < n; j++) {
                 if (c_next != nullptr)
-                    _mm512_stream_si512(reinterpret_cast<__m512i*>(out + j * H), (__m512i)_mm512_cvtne2ps_pbh(q[j], r[j]));
+                    _mm512_stream_si512(reinterpret_cast<__m512i*>(out + j * H),
+                                        (__m512i)_mm512_cvtne2ps_pbh(q[j], r[j]));
                 else
                     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j * H), (__m256i)_mm512_cvtneps_pbh(r[j]));
             }
@@ -522,8 +523,8 @@ at::Tensor amx_segment_wgrad(const at::Tensor& a, const at::Tensor& b, at::IntAr
     return out;
 }
 
-// The rate of this core's tile unit now: `products` tile products (16 x 16 x 32, bf16 -> fp32) on tiles in L1, eight per
-// four tile loads as in the kernels' inner loops, in nanoseconds each
+// The rate of this core's tile unit now: `products` tile products (16 x 16 x 32, bf16 -> fp32) on tiles in L1,
+// eight per four tile loads as in the kernels' inner loops, in nanoseconds each
 double amx_probe(int64_t products) {
     TORCH_CHECK_VALUE(products >= 8, "smoe_native::amx_probe: at least 8 products, got ", products);
     TORCH_CHECK(amx_permitted(), "smoe_native::amx_probe: the kernel refused the AMX tile registers");
