@@ -1,12 +1,13 @@
 """smoe's own CPU kernels (csrc/): matrix-vector products for decode (gemv.cpp), SwiGLU's elementwise passes
-(swiglu.cpp), the MoE router (route.cpp) and, on CPUs with AMX, the fused bf16 MoE and its backward's weight
-gradients (amx_moe.cpp), for x86-64.
+(swiglu.cpp), the MoE router (route.cpp), the grouped backward's per-expert products spread over the threads
+(segment.cpp) and, on CPUs with AMX, the fused bf16 MoE and its backward's weight gradients (amx_moe.cpp), for
+x86-64.
 
 Built on first use with the C++ compiler torch.compile already needs (about 15 s, once per source, torch
 version and instruction set, kept beside the AOT steps in $SMOE_CACHE/native), for the CPU's instruction
 set: "amx" (AVX-512 with BF16 and AMX tiles: Sapphire Rapids and later), "avx512" (AVX-512 with BF16 dot
 products: Zen 4) or "avx2" (AVX2 and FMA: x86-64 CPUs since 2013-2015). Loaded as torch ops
-(smoe_native::gemv, expert_gemv, moe_gemv, swiglu, swiglu_backward, route, amx_moe, amx_moe_keep,
+(smoe_native::gemv, expert_gemv, moe_gemv, swiglu, swiglu_backward, route, segment_mm, amx_moe, amx_moe_keep,
 amx_segment_wgrad, amx_probe), which torch.compile and AOTInductor call like any op. Where the CPU has none of these
 instruction sets, no compiler works, or SMOE_NATIVE=0, `available()` is False (a failed build warns once) and
 callers keep their torch code.
@@ -34,7 +35,7 @@ AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
 AVX512_NEEDS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
 # instruction set -> (the /proc/cpuinfo flags it needs, the compiler's flags, the sources), best first; "amx" is
 # "avx512" plus the fused MoE of csrc/amx_moe.cpp on AMX tiles
-SOURCES = ["gemv.cpp", "swiglu.cpp", "route.cpp"]
+SOURCES = ["gemv.cpp", "swiglu.cpp", "route.cpp", "segment.cpp"]
 ISAS = {"amx": (AVX512_NEEDS | {"amx_tile", "amx_bf16"}, [*AVX512_FLAGS, "-mamx-tile", "-mamx-bf16"],
                 [*SOURCES, "amx_moe.cpp"]),
         "avx512": (AVX512_NEEDS, AVX512_FLAGS, SOURCES),
@@ -262,6 +263,19 @@ def swiglu_backward(dh_SH: torch.Tensor, a1_SH: torch.Tensor, a3_SH: torch.Tenso
     da3_SH, hw_SH = torch.empty_like(a1_SH), torch.empty_like(a1_SH)
     dw_S = torch.ops.smoe_native.swiglu_backward(dh_SH, a1_SH, a3_SH, w_S, da3_SH, hw_SH)
     return dh_SH, da3_SH, hw_SH, dw_S
+
+
+def segment_mm_serves(xs: list[torch.Tensor], ws: list[torch.Tensor]) -> bool:
+    """Whether the experts-over-threads segment product (csrc/segment.cpp) takes these: CPU tensors of one dtype,
+    outside torch.compile, where the kernels load."""
+    return (not torch.compiler.is_compiling() and _loaded()
+            and all(t.device.type == "cpu" and t.dtype == xs[0].dtype for t in (*xs, *ws)))
+
+
+def segment_mm(xs_SI: list[torch.Tensor], ws_EIO: list[torch.Tensor], counts: list[int]) -> torch.Tensor:
+    """(S, O): over each expert's run of counts[e] rows, the sum over i of xs[i][run] @ ws[i][e], one library product
+    per expert and pair, the experts (or pieces of a large one) spread over the threads."""
+    return torch.ops.smoe_native.segment_mm(xs_SI, ws_EIO, counts)
 
 
 def route_serves(x_ND: torch.Tensor, gate_ED: torch.Tensor) -> bool:

@@ -313,6 +313,74 @@ def test_grouped_training_with_and_without_the_swiglu_kernels(dtype, monkeypatch
 
 @needs_native
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("counts", [[5, 0, 37, 64, 1], [0, 107, 0], [33, 40, 0, 31]])
+@pytest.mark.parametrize("widths", [[48], [40, 72]])
+def test_segment_mm_is_each_experts_products_summed(dtype, threads, counts, widths):
+    # per expert's run of rows, sum_i a_i @ w_i[e] against float64: each product summed in fp32 and rounded to the
+    # output dtype, a second pair added to the rounded first (addmm) and rounded again; empty experts, one expert
+    # with all rows (cut into pieces across the threads), widths no tile divides
+    g = torch.Generator().manual_seed(len(widths) * 100 + sum(counts))
+    S, E, N = sum(counts), len(counts), 56
+    a = [torch.randn(S, k, generator=g).to(dtype) for k in widths]
+    w = [torch.randn(E, k, N, generator=g).div(k**0.5).to(dtype) for k in widths]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = native.segment_mm(a, w, counts)
+    finally:
+        torch.set_num_threads(before)
+    assert got.shape == (S, N) and got.dtype == dtype
+    exact, mass, first = (torch.zeros(S, N, dtype=torch.float64) for _ in range(3))
+    lo = 0
+    for e, c in enumerate(counts):
+        for i, (ai, wi) in enumerate(zip(a, w)):
+            p = ai[lo:lo + c].double() @ wi[e].double()
+            exact[lo:lo + c] += p
+            mass[lo:lo + c] += ai[lo:lo + c].double().abs() @ wi[e].double().abs()
+            if i == 0:
+                first[lo:lo + c] = p.abs()
+        lo += c
+    u = ROUNDING[dtype]
+    bound = u * (exact.abs() + (first if len(widths) > 1 else 0)) + sum(widths) * F32 * mass * (1 + u) + 1e-30
+    assert ((got.double() - exact).abs() <= bound).all()
+
+
+@needs_native
+def test_segment_mm_names_bad_inputs():
+    a, w = torch.randn(10, 32), torch.randn(2, 32, 16)
+    with pytest.raises(ValueError, match="counts sum to 9"):
+        native.segment_mm([a], [w], [4, 5])
+    with pytest.raises(ValueError, match="negative count -1"):
+        native.segment_mm([a], [w], [11, -1])
+    with pytest.raises(RuntimeError, match="a_i \\(S, K_i\\) and w_i"):
+        native.segment_mm([a[:, :24]], [w], [4, 6])
+    with pytest.raises(RuntimeError, match="one dtype"):
+        native.segment_mm([a], [w.bfloat16()], [4, 6])
+    with pytest.raises(RuntimeError, match="as many a as w"):
+        native.segment_mm([a, a], [w], [4, 6])
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grouped_backward_takes_segment_mm_and_gives_the_loops_gradients(dtype, monkeypatch):
+    # dL/dh and dL/dx through the op equal those of the per-expert loop it replaces (where the kernels do not load)
+    from smoe.kernels import grouped as G
+    from tests.kernels.test_kernel_backends import make, run_with_grads
+    args = make(70, 32, 64, 6, 2, seed=8, dtype=dtype)
+    with unittest.mock.patch.object(native, "segment_mm", wraps=native.segment_mm) as op:
+        y0, g0 = run_with_grads(G.grouped_moe, *args)
+    assert op.call_count == 2  # dL/dh, dL/dx
+    monkeypatch.setattr(native, "segment_mm_serves", lambda xs, ws: False)
+    y1, g1 = run_with_grads(G.grouped_moe, *args)
+    assert torch.equal(y0, y1)
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    for a, b in zip(g0, g1):
+        assert (a.double() - b.double()).abs().max() <= tol * b.double().abs().max() + 1e-6
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_moe_gemv_is_the_expert_products_with_swiglu_between(dtype):
     # one op for the few-token MoE: expert_gemv for w1 and w3, silu(a1) a3 w rounded to x's dtype, expert_gemv for
     # w2, the K outputs summed in fp32 and rounded once
@@ -418,6 +486,10 @@ for dt in (torch.float32, torch.bfloat16):
     exact = xg.double() @ gate.double().t()
     assert (logits.double() - exact).abs().max() <= 1e-4 * exact.abs().max()
     assert torch.allclose(weights.double(), torch.softmax(logits.double().gather(1, experts), -1), atol=1e-6)
+    a, w = torch.randn(9, 64, generator=g).to(dt), torch.randn(3, 64, 40, generator=g).to(dt)
+    out, ref = native.segment_mm([a], [w], [4, 0, 5]).double(), torch.cat([a[:4].double() @ w[0].double(),
+                                                                          a[4:].double() @ w[2].double()])
+    assert (out - ref).abs().max() <= 2**-7 * ref.abs().max()
 print("ok")
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=280,
