@@ -155,12 +155,20 @@ def test_bad_inputs_are_named():
     ([0, 5, 33, 64, 1], 96, 64),  # empty experts, runs of a chunk's remainder, one and several 32-row chunks
     ([130], 64, 32),              # one expert takes every row
     ([7, 0, 40], 32, 96),         # a narrower than b (w2's gradient)
-    ([300, 17], 1024, 64),        # 32 x 32 output blocks split across the intra-op threads
+    ([300, 17], 1024, 64),        # one expert with most rows: its 32 x 32 output blocks split across the threads
 ])
-def test_segment_wgrad_against_float64(counts, M, N):
+@pytest.mark.parametrize("threads", [1, 2])  # on 2, the first and third cases take whole experts per thread
+def test_segment_wgrad_against_float64(counts, M, N, threads):
     g = torch.Generator().manual_seed(sum(counts) + M)
     a, b = torch.randn(sum(counts), M, generator=g).bfloat16(), torch.randn(sum(counts), N, generator=g).bfloat16()
-    got = native.amx_segment_wgrad(a, b, counts)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = native.amx_segment_wgrad(a, b, counts)
+        torch.set_num_threads(3 - threads)
+        assert torch.equal(got, native.amx_segment_wgrad(a, b, counts))  # the same sums on any number of threads
+    finally:
+        torch.set_num_threads(before)
     assert got.shape == (len(counts), M, N) and got.dtype == torch.bfloat16
     lo = 0
     for e, c in enumerate(counts):

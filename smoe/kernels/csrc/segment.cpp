@@ -21,6 +21,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "spread.h"
+
 namespace {
 
 struct Piece {
@@ -48,30 +50,26 @@ at::Tensor segment_mm(at::TensorList a, at::TensorList w, at::IntArrayRef counts
     auto out = at::empty({S, N}, a[0].options());
     if (S == 0) return out;
 
-    // pieces of at most an even share of the rows (rounded up to 32), longest first onto the least loaded thread
+    // pieces of at most an even share of the rows (rounded up to 32), spread over the threads by rows
     const int64_t T = std::min<int64_t>(at::get_num_threads(), (S + 31) / 32);
     const int64_t share = (S + T - 1) / T, most = (share + 31) / 32 * 32;
     std::vector<Piece> pieces;
+    std::vector<int64_t> rows;
     for (int64_t e = 0, lo = 0; e < E; lo += counts[e], e++) {
         const int64_t n = (counts[e] + most - 1) / most;
         for (int64_t p = 0; p < n; p++) {
             const int64_t r0 = counts[e] * p / n, r1 = counts[e] * (p + 1) / n;
             pieces.push_back({e, lo + r0, r1 - r0});
+            rows.push_back(r1 - r0);
         }
     }
-    std::stable_sort(pieces.begin(), pieces.end(), [](const Piece& x, const Piece& y) { return x.rows > y.rows; });
-    std::vector<std::vector<Piece>> plan(T);
-    std::vector<int64_t> load(T, 0);
-    for (const Piece& p : pieces) {
-        const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
-        plan[t].push_back(p);
-        load[t] += p.rows;
-    }
+    const auto plan = smoe_spread::spread(rows, T);
     at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
         // a thread of the pool keeps its own dispatch state: these plain tensors need no autograd
         at::AutoDispatchBelowADInplaceOrView below_autograd;
         for (int64_t t = t0; t < t1; t++)
-            for (const Piece& p : plan[t]) {
+            for (const int64_t k : plan.items[t]) {
+                const Piece& p = pieces[k];
                 auto o = out.narrow(0, p.lo, p.rows);
                 at::mm_out(o, a[0].narrow(0, p.lo, p.rows), w[0][p.expert]);
                 for (size_t i = 1; i < a.size(); i++) o.addmm_(a[i].narrow(0, p.lo, p.rows), w[i][p.expert]);
