@@ -15,6 +15,7 @@ import torch
 from smoe.kernels import grouped as G
 from smoe.kernels import native
 from smoe.kernels.naive import naive_moe
+from tests.conftest import num_threads
 
 
 @pytest.fixture(autouse=True)
@@ -95,14 +96,10 @@ def test_keep_hands_back_the_pre_activations_in_sorted_slot_order(N, D, H, E, K,
 def test_keep_is_the_same_on_any_split_of_hidden_tiles(H):
     # pairs of hidden tiles write whole lines of a1 and a3; a thread's range may start or end at an odd tile
     args = make(40, 64, H, 4, 2, seed=H)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with num_threads(1):
         one = native.amx_moe_keep(*args)
-        torch.set_num_threads(2)
+    with num_threads(2):
         two = native.amx_moe_keep(*args)
-    finally:
-        torch.set_num_threads(threads)
     assert all(torch.equal(p, q) for p, q in zip(one, two))
 
 
@@ -161,14 +158,10 @@ def test_bad_inputs_are_named():
 def test_segment_wgrad_against_float64(counts, M, N, threads):
     g = torch.Generator().manual_seed(sum(counts) + M)
     a, b = torch.randn(sum(counts), M, generator=g).bfloat16(), torch.randn(sum(counts), N, generator=g).bfloat16()
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with num_threads(threads):
         got = native.amx_segment_wgrad(a, b, counts)
-        torch.set_num_threads(3 - threads)
+    with num_threads(3 - threads):
         assert torch.equal(got, native.amx_segment_wgrad(a, b, counts))  # the same sums on any number of threads
-    finally:
-        torch.set_num_threads(before)
     assert got.shape == (len(counts), M, N) and got.dtype == torch.bfloat16
     lo = 0
     for e, c in enumerate(counts):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from smoe.generation import compiled
 from smoe.kernels import linear, native
 from smoe.model.attention import KVCache
-from tests.conftest import tiny_model
+from tests.conftest import num_threads, tiny_model
 
 
 @pytest.fixture
@@ -106,6 +106,7 @@ def test_amx_rate_is_none_without_the_amx_kernels(monkeypatch):
     from smoe.kernels.timing import amx_ns_per_product
     monkeypatch.setattr(native, "amx", lambda: False)
     assert amx_ns_per_product() is None  # benchmarks then print no AMX column
+
 
 @needs_native
 @pytest.mark.parametrize("streams", [1, 2, 4, 8])
@@ -324,12 +325,8 @@ def test_segment_mm_is_each_experts_products_summed(dtype, threads, counts, widt
     S, E, N = sum(counts), len(counts), 56
     a = [torch.randn(S, k, generator=g).to(dtype) for k in widths]
     w = [torch.randn(E, k, N, generator=g).div(k**0.5).to(dtype) for k in widths]
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with num_threads(threads):
         got = native.segment_mm(a, w, counts)
-    finally:
-        torch.set_num_threads(before)
     assert got.shape == (S, N) and got.dtype == dtype
     exact, mass, first = (torch.zeros(S, N, dtype=torch.float64) for _ in range(3))
     lo = 0

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from smoe import ModelConfig, Transformer
 from smoe.tokenizer import HFTokenizer
+from tests.conftest import num_threads
 
 SPECIALS = ["<unk>", "<s>", "</s>"]
 CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
@@ -42,13 +42,7 @@ def base_model(out: Path, seed: int = 0, **changes) -> Path:
     return out
 
 
-@contextmanager
 def one_thread():
     """Run with one intra-op thread: these models are tiny, and on a busy 2-core machine two threads
     spin against other processes (several times slower); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+    return num_threads(1)
