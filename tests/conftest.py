@@ -15,7 +15,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-
 @contextmanager
 def num_threads(n: int) -> Iterator[None]:
     """Run with n intra-op threads, restored afterwards."""

@@ -56,6 +56,7 @@ using smoe_simd512::swiglu16;
 constexpr int64_t kHidden = 1024;  // hidden units per chunk: its h tiles (block_tokens x 1024 bf16) stay in L2
 constexpr int64_t kTileBytes = 1024;  // 16 rows of 64 bytes
 constexpr int64_t kTileElems = kTileBytes / 2;
+constexpr int64_t kL2Bytes = int64_t(2) << 20;  // per core on the Xeon with AMX these choices were measured on
 constexpr int64_t kPassChunks = 8;  // 32-element chunks of the reduced dimension per pass over the token tiles
 
 struct TileConfig {
@@ -116,9 +117,8 @@ void gather_b_tiles(const bf16* x, int64_t D, const int64_t* token, int64_t n, i
     const int64_t C = D / 32;
     for (int64_t t = 0; t < tiles; t++) {
         const int64_t m = std::min<int64_t>(16, n - t * 16);
-        const float* rows[16];  // the pairs as 32-bit lanes; a padding token repeats a real row, never loaded
-        for (int64_t j = 0; j < 16; j++)
-            rows[j] = reinterpret_cast<const float*>(x + token[t * 16 + std::min(j, m - 1)] * D);
+        const float* rows[16] = {};  // the tokens' rows, their pairs as 32-bit lanes
+        for (int64_t j = 0; j < m; j++) rows[j] = reinterpret_cast<const float*>(x + token[t * 16 + j] * D);
         for (int64_t c = 0; c < C; c++) {
             __m512 r[16];
             for (int64_t j = 0; j < 16; j++) r[j] = j < m ? _mm512_loadu_ps(rows[j] + c * 16) : _mm512_setzero_ps();
@@ -291,8 +291,8 @@ struct Scratch {
 };
 
 // y^T tiles of output columns d0.. (A0) and d0 + 16.. (A1) for `n` slots, from c as tile_rows left it: each
-// slot's 16-column pieces times its router weight added into acc[token] (D columns). With `prefetch` (acc beyond
-// L2) the next token tile's two lines of acc are fetched first: rows of scattered tokens, which no hardware
+// slot's 16-column pieces times its router weight added into acc[token] (D columns). With `prefetch` (acc past half
+// of L2) the next token tile's two lines of acc are fetched first: rows of scattered tokens, which no hardware
 // prefetcher follows (the medium preset's experts at 4096 tokens, 1 thread of a Xeon with AMX: 10.0-10.8 ms -> 5.6-6.4)
 void add_to_rows(const float* c, int64_t n, const int64_t* token, const float* weight, float* acc, int64_t D,
                  int64_t d0, bool prefetch) {
@@ -361,7 +361,7 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, 
     // token blocks whose gathered rows take at most 512 KB, 32-256 tokens; up to 512 where an expert's three
     // weights pass 2 MB (beyond L2, they are read again for every block: the medium preset's experts, dim 512, at
     // 4096 tokens on 1 thread of a Xeon with AMX took 49-57 ms against 58-61; the small preset's, in L2, alike)
-    const bool weights_beyond_l2 = 3 * H * D * int64_t(sizeof(bf16)) > (int64_t(2) << 20);
+    const bool weights_beyond_l2 = 3 * H * D * int64_t(sizeof(bf16)) > kL2Bytes;
     const int64_t block_tokens =
         std::clamp<int64_t>((512 * 1024 / (2 * D)) / 32 * 32, 32, weights_beyond_l2 ? 512 : 256);
     const int64_t max_hidden = std::min(H, kHidden), tiles_max = block_tokens / 16;
@@ -372,7 +372,8 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, 
     Scratch<2, bf16> hb(block_tokens / 16 * (max_hidden / 32) * kTileElems);
     Scratch<0, float> acc(N * D);  // the fp32 output sums
     float* accp = acc.data;
-    const bool acc_beyond_l2 = N * D * int64_t(sizeof(float)) > (int64_t(1) << 20);
+    // the sums share L2 with the x and h tiles and the streamed weights: past half of it their rows are prefetched
+    const bool acc_beyond_l2 = N * D * int64_t(sizeof(float)) > kL2Bytes / 2;
     at::parallel_for(0, N * D, 1 << 18,
                      [&](int64_t i0, int64_t i1) { std::memset(accp + i0, 0, (i1 - i0) * sizeof(float)); });
     const bf16* xp = xc.const_data_ptr<bf16>();
