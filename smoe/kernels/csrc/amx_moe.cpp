@@ -373,7 +373,7 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, 
     Scratch<0, float> acc(N * D);  // the fp32 output sums
     float* accp = acc.data;
     // the sums share L2 with the x and h tiles and the streamed weights: past half of it their rows are prefetched
-    const bool acc_beyond_l2 = N * D * int64_t(sizeof(float)) > kL2Bytes / 2;
+    const bool acc_past_half_l2 = N * D * int64_t(sizeof(float)) > kL2Bytes / 2;
     at::parallel_for(0, N * D, 1 << 18,
                      [&](int64_t i0, int64_t i1) { std::memset(accp + i0, 0, (i1 - i0) * sizeof(float)); });
     const bf16* xp = xc.const_data_ptr<bf16>();
@@ -416,7 +416,7 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, 
                         const bf16* a0 = w2e + dp * 32 * H + h0;
                         tile_rows(a0, a0 + 16 * H, H, hchunks, hb.data, hchunks, tiles, c.data,
                                   dp + 1 < p1 ? a0 + 32 * H : nullptr, a0 + 48 * H);
-                        add_to_rows(c.data, n, tok, wgt, accp, D, dp * 32, acc_beyond_l2);
+                        add_to_rows(c.data, n, tok, wgt, accp, D, dp * 32, acc_past_half_l2);
                     }
                     _tile_release();
                 });
