@@ -6,7 +6,9 @@ concatenation), and the router-weighted outputs go back with one scatter-add. Em
 nothing and no expert weight is ever copied, so a decode step reads only the chosen experts' weights.
 Autograd goes through a hand-written backward (the same segment matmuls, MegaBlocks-style) that
 keeps only the two S x H pre-activations. fp32 inference on many slots runs expert by expert instead
-(gather, SwiGLU, scatter-add per expert), since its faster library products come in new tensors.
+(gather, SwiGLU, scatter-add per expert), since its faster library products come in new tensors. Inference
+beyond the smallest sizes takes smoe's fused ops where the CPU has AMX: native.amx_moe (bf16) and
+native.f32_moe (fp32).
 
 Under torch.compile (decode only: few tokens) the per-expert loop would break the graph, so fixed-
 shape formulations are used instead: a gather (inductor fuses the indexed weight loads into the
@@ -344,6 +346,10 @@ def grouped_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, 
     if (not grad and experts_NK.numel() <= native.max_rows(x_ND.dtype) * w1_EHD.shape[0]
             and native.serves(x_ND, w1_EHD)):
         return native_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)  # eager or compiled
+    # fp32 inference on more slots, on a CPU with AMX: the fused fp32 op (the medium preset's experts, 1 thread of a
+    # Xeon with AMX, against the library's per-expert products: 1.9x faster at 64 tokens, 1.6x at 128, 1.2x at 512)
+    if not grad and native.f32_moe_serves(x_ND, w1_EHD, w2_EDH, w3_EHD):
+        return native.f32_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
     if torch.compiler.is_compiling() and experts_NK.numel() <= COMPILED_GATHER_MAX_SLOTS:
         # fixed-shape formulations (no host sync, no graph break): per-slot gathers while the slots are
         # fewer than the experts, else every expert once

@@ -1,16 +1,16 @@
 """smoe's own CPU kernels (csrc/): matrix-vector products for decode (gemv.cpp), SwiGLU's elementwise passes
 (swiglu.cpp), the MoE router (route.cpp), the grouped backward's per-expert products spread over the threads
-(segment.cpp) and, on CPUs with AMX, the fused bf16 MoE and its backward's weight gradients (amx_moe.cpp), for
-x86-64.
+(segment.cpp) and, on CPUs with AMX, the fused bf16 MoE and its backward's weight gradients (amx_moe.cpp) and the
+fused fp32 MoE of many tokens (f32_moe.cpp), for x86-64.
 
 Built on first use with the C++ compiler torch.compile already needs (about 15 s, once per source, torch
 version and instruction set, kept beside the AOT steps in $SMOE_CACHE/native), for the CPU's instruction
 set: "amx" (AVX-512 with BF16 and AMX tiles: Sapphire Rapids and later), "avx512" (AVX-512 with BF16 dot
 products: Zen 4) or "avx2" (AVX2 and FMA: x86-64 CPUs since 2013-2015). Loaded as torch ops
 (smoe_native::gemv, expert_gemv, moe_gemv, swiglu, swiglu_backward, route, segment_mm, amx_moe, amx_moe_keep,
-amx_segment_wgrad, amx_probe), which torch.compile and AOTInductor call like any op. Where the CPU has none of these
-instruction sets, no compiler works, or SMOE_NATIVE=0, `available()` is False (a failed build warns once) and
-callers keep their torch code.
+amx_segment_wgrad, amx_probe, f32_moe), which torch.compile and AOTInductor call like any op. Where the CPU has none
+of these instruction sets, no compiler works, or SMOE_NATIVE=0, `available()` is False (a failed build warns once)
+and callers keep their torch code.
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ CSRC = Path(__file__).with_name("csrc")
 AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
 AVX512_NEEDS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
 # instruction set -> (the /proc/cpuinfo flags it needs, the compiler's flags, the sources), best first; "amx" is
-# "avx512" plus the fused MoE of csrc/amx_moe.cpp on AMX tiles
+# "avx512" plus the fused MoE of csrc/amx_moe.cpp on AMX tiles and the fp32 one of csrc/f32_moe.cpp (AVX-512, but
+# measured only on the Xeon with AMX)
 SOURCES = ["gemv.cpp", "swiglu.cpp", "route.cpp", "segment.cpp"]
 ISAS = {"amx": (AVX512_NEEDS | {"amx_tile", "amx_bf16"}, [*AVX512_FLAGS, "-mamx-tile", "-mamx-bf16"],
-                [*SOURCES, "amx_moe.cpp"]),
+                [*SOURCES, "amx_moe.cpp", "f32_moe.cpp"]),
         "avx512": (AVX512_NEEDS, AVX512_FLAGS, SOURCES),
         "avx2": ({"avx2", "fma"}, ["-mavx2", "-mfma"], SOURCES)}
 # products of up to this many rows of x go through the kernels, by instruction set and dtype: where they
@@ -234,6 +235,21 @@ def amx_probe_ns(products: int = 1 << 16) -> float:
     """Nanoseconds per AMX tile product (16 x 16 x 32, bf16 -> fp32) now, over that many on tiles in L1: where the
     tile unit is shared (two VMs' vCPUs on one core) it runs 3-4x slower at times, which benchmarks report."""
     return torch.ops.smoe_native.amx_probe(products)
+
+
+def f32_moe_serves(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor) -> bool:
+    """Whether smoe's fused fp32 MoE (csrc/f32_moe.cpp, `f32_moe`) takes these tensors: float32 on the CPU, dim a
+    multiple of 16, outside torch.compile, where the "amx" build loaded (the caller checks grad)."""
+    return (x_ND.dtype == w1_EHD.dtype == w2_EDH.dtype == w3_EHD.dtype == torch.float32 and x_ND.device.type == "cpu"
+            and w1_EHD.device.type == "cpu" and x_ND.shape[-1] % 16 == 0 and not torch.compiler.is_compiling()
+            and amx())
+
+
+def f32_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
+            experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+    """The fp32 MoE experts (N, D) in one op: each expert's tokens as vector lanes, its weights read in place, the
+    gather, SwiGLU, router weight and scatter-add fused into the two products (dim a multiple of 16; inference)."""
+    return torch.ops.smoe_native.f32_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
 
 
 def moe_gemv(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,

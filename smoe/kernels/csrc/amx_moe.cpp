@@ -42,6 +42,7 @@
 #include <tuple>
 #include <vector>
 
+#include "moe_common.h"
 #include "simd512.h"
 #include "spread.h"
 
@@ -52,7 +53,9 @@
 namespace {
 
 using bf16 = at::BFloat16;
+using smoe_moe::Scratch;
 using smoe_simd512::swiglu16;
+using smoe_simd512::transpose16;
 constexpr int64_t kHidden = 1024;  // hidden units per chunk: its h tiles (block_tokens x 1024 bf16) stay in L2
 constexpr int64_t kTileBytes = 1024;  // 16 rows of 64 bytes
 constexpr int64_t kTileElems = kTileBytes / 2;
@@ -79,34 +82,6 @@ void configure_tiles() {
 bool amx_permitted() {
     static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
     return ok;
-}
-
-// r[i][j] -> r[j][i] for a 16 x 16 fp32 block held in 16 vectors
-inline void transpose16(__m512 r[16]) {
-    __m512 t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-    }
-    // r[4a + b] now holds, in each 128-bit lane L, element b of rows 4a..4a+3 of columns 4L..4L+3
-    for (int b = 0; b < 4; b++) {
-        t[b] = _mm512_shuffle_f32x4(r[b], r[4 + b], 0x88);        // lanes 0, 2 of rows 0-3 and 4-7
-        t[4 + b] = _mm512_shuffle_f32x4(r[b], r[4 + b], 0xdd);    // lanes 1, 3
-        t[8 + b] = _mm512_shuffle_f32x4(r[8 + b], r[12 + b], 0x88);
-        t[12 + b] = _mm512_shuffle_f32x4(r[8 + b], r[12 + b], 0xdd);
-    }
-    for (int b = 0; b < 4; b++) {
-        r[b] = _mm512_shuffle_f32x4(t[b], t[8 + b], 0x88);             // column lane 0
-        r[8 + b] = _mm512_shuffle_f32x4(t[b], t[8 + b], 0xdd);         // column lane 2
-        r[4 + b] = _mm512_shuffle_f32x4(t[4 + b], t[12 + b], 0x88);    // column lane 1
-        r[12 + b] = _mm512_shuffle_f32x4(t[4 + b], t[12 + b], 0xdd);   // column lane 3
-    }
 }
 
 // rows x[token[s]] for s < n as B tiles, token tile mt and 32-element chunk c at dst + (mt * C + c) * 512:
@@ -264,32 +239,6 @@ void keep_pre_activations(const float* c, const float* c_next, int64_t n, bf16* 
         }
 }
 
-// Uninitialized scratch memory of at least n elements that this thread keeps between calls (kSlot: one buffer per
-// use), so that no call pays fresh memory's page faults (about 0.35 ms per MB on a Xeon with AMX: 2.8 ms of a
-// 4096-token call of 45 for dim 512) or zero-fills it; past kKeptBytes a buffer is the call's own
-constexpr int64_t kKeptBytes = int64_t(64) << 20;
-
-template <int kSlot, typename T>
-struct Scratch {
-    T* data;
-    std::unique_ptr<T[]> fresh;
-
-    explicit Scratch(int64_t n) {
-        static thread_local std::unique_ptr<T[]> kept;
-        static thread_local int64_t kept_n = 0;
-        if (n * int64_t(sizeof(T)) > kKeptBytes) {
-            fresh.reset(new T[n]);
-            data = fresh.get();
-        } else {
-            if (n > kept_n) {
-                kept.reset(new T[n]);
-                kept_n = n;
-            }
-            data = kept.get();
-        }
-    }
-};
-
 // y^T tiles of output columns d0.. (A0) and d0 + 16.. (A1) for `n` slots, from c as tile_rows left it: each
 // slot's 16-column pieces times its router weight added into acc[token] (D columns). With `prefetch` (acc past half
 // of L2) the next token tile's two lines of acc are fetched first: rows of scattered tokens, which no hardware
@@ -319,18 +268,7 @@ void add_to_rows(const float* c, int64_t n, const int64_t* token, const float* w
 // out, and where a1 and a3 are given (N K x H each), the pre-activations in sorted slot order
 at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3,
                const at::Tensor& experts, const at::Tensor& weights, bf16* a1, bf16* a3) {
-    TORCH_CHECK(x.device().is_cpu() && w1.device().is_cpu() && w2.device().is_cpu() && w3.device().is_cpu(),
-                "smoe_native::amx_moe: CPU tensors only");
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w1.scalar_type() == at::kBFloat16 &&
-                    w2.scalar_type() == at::kBFloat16 && w3.scalar_type() == at::kBFloat16,
-                "smoe_native::amx_moe: x and the expert weights must be bfloat16");
-    TORCH_CHECK(x.dim() == 2 && w1.dim() == 3 && w1.sizes() == w3.sizes() && w2.dim() == 3 &&
-                    w2.size(0) == w1.size(0) && w2.size(1) == w1.size(2) && w2.size(2) == w1.size(1) &&
-                    x.size(1) == w1.size(2),
-                "smoe_native::amx_moe: x (N, D), w1 and w3 (E, H, D), w2 (E, D, H), got ", x.sizes(), ", ",
-                w1.sizes(), ", ", w2.sizes(), ", ", w3.sizes());
-    TORCH_CHECK(experts.dim() == 2 && experts.sizes() == weights.sizes() && experts.size(0) == x.size(0),
-                "smoe_native::amx_moe: experts and weights (N, K), got ", experts.sizes(), " and ", weights.sizes());
+    smoe_moe::check_args("smoe_native::amx_moe", x, w1, w2, w3, experts, weights, at::kBFloat16);
     const int64_t N = x.size(0), D = x.size(1), E = w1.size(0), H = w1.size(1), K = experts.size(1);
     TORCH_CHECK(D % 32 == 0 && H % 32 == 0, "smoe_native::amx_moe: dim and hidden dim must be multiples of 32, got ",
                 D, " and ", H);
@@ -342,21 +280,8 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, 
     const int64_t* e = ec.const_data_ptr<int64_t>();
     const float* wt = wc.const_data_ptr<float>();
 
-    // the slots of each expert together (a counting sort), with their token and router weight
-    std::vector<int64_t> start(E + 1, 0);
-    for (int64_t s = 0; s < N * K; s++) {
-        TORCH_CHECK_VALUE(e[s] >= 0 && e[s] < E, "smoe_native::amx_moe: expert index ", e[s], " out of range [0, ",
-                          E, ")");
-        start[e[s] + 1]++;
-    }
-    for (int64_t i = 0; i < E; i++) start[i + 1] += start[i];
-    std::vector<int64_t> token(N * K), fill(start.begin(), start.end() - 1);
-    std::vector<float> weight(N * K);
-    for (int64_t s = 0; s < N * K; s++) {
-        const int64_t at = fill[e[s]]++;
-        token[at] = s / K;
-        weight[at] = wt[s];
-    }
+    const smoe_moe::Slots slots("smoe_native::amx_moe", e, wt, N, K, E);
+    const std::vector<int64_t>& start = slots.start;
 
     // token blocks whose gathered rows take at most 512 KB, 32-256 tokens; up to 512 where an expert's three
     // weights pass 2 MB (beyond L2, they are read again for every block: the medium preset's experts, dim 512, at
@@ -385,8 +310,8 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, 
         for (int64_t b0 = start[ex]; b0 < start[ex + 1]; b0 += block_tokens) {
             const int64_t n = std::min(block_tokens, start[ex + 1] - b0);
             const int64_t tiles = (n + 15) / 16;
-            const int64_t* tok = token.data() + b0;
-            const float* wgt = weight.data() + b0;
+            const int64_t* tok = slots.token.data() + b0;
+            const float* wgt = slots.weight.data() + b0;
             gather_b_tiles(xp, D, tok, n, tiles, xb.data);
             for (int64_t h0 = 0; h0 < H; h0 += kHidden) {
                 const int64_t hchunks = std::min(kHidden, H - h0) / 32;

@@ -55,5 +55,33 @@ inline void store16(uint16_t* p, __m512 v, __mmask16 m) {
     _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
+// r[i][j] -> r[j][i] for a 16 x 16 fp32 block held in 16 vectors
+inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    }
+    // r[4a + b] now holds, in each 128-bit lane L, element b of rows 4a..4a+3 of columns 4L..4L+3
+    for (int b = 0; b < 4; b++) {
+        t[b] = _mm512_shuffle_f32x4(r[b], r[4 + b], 0x88);        // lanes 0, 2 of rows 0-3 and 4-7
+        t[4 + b] = _mm512_shuffle_f32x4(r[b], r[4 + b], 0xdd);    // lanes 1, 3
+        t[8 + b] = _mm512_shuffle_f32x4(r[8 + b], r[12 + b], 0x88);
+        t[12 + b] = _mm512_shuffle_f32x4(r[8 + b], r[12 + b], 0xdd);
+    }
+    for (int b = 0; b < 4; b++) {
+        r[b] = _mm512_shuffle_f32x4(t[b], t[8 + b], 0x88);             // column lane 0
+        r[8 + b] = _mm512_shuffle_f32x4(t[b], t[8 + b], 0xdd);         // column lane 2
+        r[4 + b] = _mm512_shuffle_f32x4(t[4 + b], t[12 + b], 0x88);    // column lane 1
+        r[12 + b] = _mm512_shuffle_f32x4(t[4 + b], t[12 + b], 0xdd);   // column lane 3
+    }
+}
+
 }  // namespace smoe_simd512
 #endif

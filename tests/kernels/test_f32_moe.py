@@ -1,0 +1,97 @@
+"""smoe's fused fp32 MoE (native.f32_moe, csrc/f32_moe.cpp): against float64 and the naive fp32 loop over routings and
+shapes (empty experts, one expert taking every slot, pieces of 128 tokens and a remainder, hidden chunks), on 1 and 2
+threads, where grouped_moe takes it, and bad inputs. Runs where the "amx" build loads (Xeons with AMX); elsewhere only
+the build is checked (test_native.py builds every instruction set)."""
+
+from __future__ import annotations
+
+import unittest.mock
+
+import pytest
+import torch
+
+from smoe.kernels import grouped as G
+from smoe.kernels import native
+from smoe.kernels.naive import naive_moe
+from tests.conftest import num_threads
+
+
+@pytest.fixture(autouse=True)
+def f32_kernel():
+    if not native.amx():
+        pytest.skip("needs the kernels' amx build (a CPU with AMX-BF16 and a C++ compiler that builds for it)")
+
+
+def make(N, D, H, E, K, seed=0, skew=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g)
+    w1, w3 = (torch.randn(E, H, D, generator=g) / D**0.5 for _ in range(2))
+    w2 = torch.randn(E, D, H, generator=g) / H**0.5
+    experts = (torch.arange(K).expand(N, K).clone() if skew
+               else torch.rand(N, E, generator=g).topk(K, -1).indices)
+    weights = torch.softmax(torch.randn(N, K, generator=g), -1)
+    return x, w1, w2, w3, experts, weights
+
+
+@pytest.mark.parametrize("N,D,H,E,K,skew", [
+    (1, 16, 5, 8, 2, False),       # one token: most experts empty; 5 hidden rows = a panel of 3 and one of 2
+    (17, 64, 96, 8, 2, False),     # vectors of 16 tokens with a remainder
+    (40, 48, 97, 4, 4, False),     # top-4, a hidden dim with a 1-row panel
+    (33, 32, 64, 8, 1, False),     # top-1
+    (300, 64, 96, 8, 2, True),     # two experts take every slot: pieces of 128 tokens and a remainder
+    (24, 32, 2080, 3, 2, False),   # hidden dim in chunks of 1024 and a remainder of 32
+    (150, 512, 1536, 8, 2, False),  # the medium preset's experts
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_against_float64_within_fp32_error(N, D, H, E, K, skew, threads):
+    # fp32 products summed in another order than the naive loop's: within a few fp32 steps of the output's scale of
+    # float64, and of the naive fp32 loop within the issue's fp32 bound (that loop's own error reaches 1e-6 here)
+    x, w1, w2, w3, experts, weights = args = make(N, D, H, E, K, seed=N + H, skew=skew)
+    with num_threads(threads):
+        y = native.f32_moe(*args)
+    assert y.shape == (N, D) and y.dtype == torch.float32
+    ref = naive_moe(*(t.double() for t in (x, w1, w2, w3)), experts, weights.double())
+    scale = ref.abs().max()
+    assert (y.double() - ref).abs().max() <= 1e-6 * scale
+    assert (y - naive_moe(*args)).abs().max() <= 1e-5 * scale
+    # a token's output does not depend on the other tokens computed with it (up to the order of its experts' sums)
+    last = native.f32_moe(x[-1:], w1, w2, w3, experts[-1:], weights[-1:])
+    assert (y[-1:] - last).abs().max() <= 1e-6 * scale
+
+
+def test_no_tokens_and_every_expert_empty_but_one():
+    x, w1, w2, w3, experts, weights = make(0, 32, 64, 4, 2)
+    assert native.f32_moe(x, w1, w2, w3, experts, weights).shape == (0, 32)
+    x, w1, w2, w3, experts, weights = make(70, 32, 64, 4, 1, skew=True)  # expert 0 takes all; 1-3 empty
+    ref = naive_moe(*(t.double() for t in (x, w1, w2, w3)), experts, weights.double())
+    assert (native.f32_moe(x, w1, w2, w3, experts, weights).double() - ref).abs().max() <= 1e-6 * ref.abs().max()
+
+
+def test_grouped_takes_it_for_fp32_inference_past_the_decode_kernel():
+    x, w1, w2, w3, experts, weights = make(40, 64, 96, 8, 2)  # 80 slots: past native_moe's 8 per expert
+    with unittest.mock.patch.object(native, "f32_moe", wraps=native.f32_moe) as op:
+        with torch.no_grad():
+            y = G.grouped_moe(x, w1, w2, w3, experts, weights)
+            assert op.call_count == 1
+            G.grouped_moe(x[:32], w1, w2, w3, experts[:32], weights[:32])  # 64 slots: native_moe
+            G.grouped_moe(*(t.bfloat16() for t in (x, w1, w2, w3)), experts, weights)  # bf16: amx_moe
+            assert op.call_count == 1
+        xg = x.clone().requires_grad_()
+        G.grouped_moe(xg, w1, w2, w3, experts, weights).sum().backward()  # training: the segment path
+        assert op.call_count == 1 and xg.grad is not None
+    with native.disabled(), torch.no_grad():
+        assert (y - G.grouped_moe(x, w1, w2, w3, experts, weights)).abs().max() <= 1e-6 * y.abs().max()
+
+
+def test_bad_inputs_are_named():
+    x, w1, w2, w3, experts, weights = make(4, 64, 96, 4, 2)
+    with pytest.raises(ValueError, match=r"expert index 4 out of range \[0, 4\)"):
+        native.f32_moe(x, w1, w2, w3, experts + 2, weights)
+    with pytest.raises(RuntimeError, match="must be float32"):
+        native.f32_moe(x.bfloat16(), w1, w2, w3, experts, weights)
+    with pytest.raises(RuntimeError, match="dim must be a multiple of 16, got 40"):
+        native.f32_moe(x[:, :40], w1[..., :40], w2[:, :40], w3[..., :40], experts, weights)
+    with pytest.raises(RuntimeError, match=r"w2 \(E, D, H\)"):
+        native.f32_moe(x, w1, w2.transpose(1, 2), w3, experts, weights)
+    with pytest.raises(RuntimeError, match=r"experts and weights \(N, K\)"):
+        native.f32_moe(x, w1, w2, w3, experts, weights[:, :1])
