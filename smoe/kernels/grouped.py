@@ -244,6 +244,8 @@ class GroupedMoE(torch.autograd.Function):
             # the fused forward, which also hands back the pre-activations in this sorted order
             out_ND, a1_SH, a3_SH = native.amx_moe_keep(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK,
                                                        weights_NK.to(x_ND.dtype).float())
+        elif native.f32_moe_serves(x_ND, w1_EHD, w2_EDH, w3_EHD):
+            out_ND, a1_SH, a3_SH = native.f32_moe_keep(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
         else:
             out_ND, (a1_SH, a3_SH) = _forward(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segs, keep=True)
         ctx.save_for_backward(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, order_S, w_S, a1_SH, a3_SH)

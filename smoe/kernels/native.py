@@ -8,9 +8,9 @@ version and instruction set, kept beside the AOT steps in $SMOE_CACHE/native), f
 set: "amx" (AVX-512 with BF16 and AMX tiles: Sapphire Rapids and later), "avx512" (AVX-512 with BF16 dot
 products: Zen 4) or "avx2" (AVX2 and FMA: x86-64 CPUs since 2013-2015). Loaded as torch ops
 (smoe_native::gemv, expert_gemv, moe_gemv, swiglu, swiglu_backward, route, segment_mm, amx_moe, amx_moe_keep,
-amx_segment_wgrad, amx_probe, f32_moe), which torch.compile and AOTInductor call like any op. Where the CPU has none
-of these instruction sets, no compiler works, or SMOE_NATIVE=0, `available()` is False (a failed build warns once)
-and callers keep their torch code.
+amx_segment_wgrad, amx_probe, f32_moe, f32_moe_keep), which torch.compile and AOTInductor call like any op. Where the
+CPU has none of these instruction sets, no compiler works, or SMOE_NATIVE=0, `available()` is False (a failed build
+warns once) and callers keep their torch code.
 """
 
 from __future__ import annotations
@@ -250,6 +250,13 @@ def f32_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_E
     """The fp32 MoE experts (N, D) in one op: each expert's tokens as vector lanes, its weights read in place, the
     gather, SwiGLU, router weight and scatter-add fused into the two products (dim a multiple of 16; inference)."""
     return torch.ops.smoe_native.f32_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
+
+
+def f32_moe_keep(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
+                 experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """f32_moe for training's forward: (out, a1_SH, a3_SH), the pre-activations x w1^T and x w3^T, one row per
+    token-slot in the order of a stable sort of the slots by expert (grouped.sort_by_expert's)."""
+    return torch.ops.smoe_native.f32_moe_keep(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
 
 
 def moe_gemv(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,

@@ -1,6 +1,7 @@
 """smoe's fused fp32 MoE (native.f32_moe, csrc/f32_moe.cpp): against float64 and the naive fp32 loop over routings and
-shapes (empty experts, one expert taking every slot, pieces of 128 tokens and a remainder, hidden chunks), on 1 and 2
-threads, where grouped_moe takes it, and bad inputs. Runs where the "amx" build loads (Xeons with AMX); elsewhere only
+shapes (empty experts, one expert taking every slot, blocks of 128 tokens and a remainder, hidden chunks), on 1 and 2
+threads, its training form (f32_moe_keep) against float64 and the segment path's gradients, where grouped_moe takes
+them, and bad inputs. Runs where the "amx" build loads (Xeons with AMX); elsewhere only
 the build is checked (test_native.py builds every instruction set)."""
 
 from __future__ import annotations
@@ -59,6 +60,37 @@ def test_against_float64_within_fp32_error(N, D, H, E, K, skew, threads):
     assert (y[-1:] - last).abs().max() <= 1e-6 * scale
 
 
+@pytest.mark.parametrize("N,D,H,E,K,skew", [(17, 64, 96, 8, 2, False), (300, 64, 96, 8, 2, True),
+                                          (24, 32, 2085, 3, 2, False)])  # chunks of 1024 and a 37-unit remainder
+@pytest.mark.parametrize("threads", [1, 2])
+def test_keep_hands_back_the_pre_activations_in_sorted_slot_order(N, D, H, E, K, skew, threads):
+    x, w1, w2, w3, experts, weights = args = make(N, D, H, E, K, seed=N + 1, skew=skew)
+    with num_threads(threads):
+        out, a1, a3 = native.f32_moe_keep(*args)
+    assert torch.equal(out, native.f32_moe(*args))
+    assert a1.shape == a3.shape == (N * K, H) and a1.dtype == torch.float32
+    token_S, _, counts = G.sort_by_expert(experts, E)
+    expert_S = torch.repeat_interleave(torch.arange(E), torch.tensor(counts))
+    xs = x[token_S].double()
+    for got, w in ((a1, w1), (a3, w3)):
+        exact = torch.einsum("sd,shd->sh", xs, w[expert_S].double())
+        mass = torch.einsum("sd,shd->sh", xs.abs(), w[expert_S].double().abs())
+        assert ((got.double() - exact).abs() <= D * 2**-24 * mass).all()  # fp32 sums of D products
+
+
+def test_grouped_training_forward_takes_keep_with_the_segment_paths_gradients(monkeypatch):
+    from tests.kernels.test_kernel_backends import run_with_grads
+    args = make(64, 64, 96, 8, 2, seed=3)
+    with unittest.mock.patch.object(native, "f32_moe_keep", wraps=native.f32_moe_keep) as op:
+        y0, g0 = run_with_grads(G.grouped_moe, *args)
+        assert op.call_count == 1
+    monkeypatch.setattr(native, "f32_moe_serves", lambda *t: False)
+    y1, g1 = run_with_grads(G.grouped_moe, *args)
+    assert (y0 - y1).abs().max() <= 1e-6 * y1.abs().max()
+    for a, b in zip(g0, g1):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
 def test_no_tokens_and_every_expert_empty_but_one():
     x, w1, w2, w3, experts, weights = make(0, 32, 64, 4, 2)
     assert native.f32_moe(x, w1, w2, w3, experts, weights).shape == (0, 32)
@@ -77,8 +109,9 @@ def test_grouped_takes_it_for_fp32_inference_past_the_decode_kernel():
             G.grouped_moe(*(t.bfloat16() for t in (x, w1, w2, w3)), experts, weights)  # bf16: amx_moe
             assert op.call_count == 1
         xg = x.clone().requires_grad_()
-        G.grouped_moe(xg, w1, w2, w3, experts, weights).sum().backward()  # training: the segment path
-        assert op.call_count == 1 and xg.grad is not None
+        with unittest.mock.patch.object(native, "f32_moe_keep", wraps=native.f32_moe_keep) as keep:
+            G.grouped_moe(xg, w1, w2, w3, experts, weights).sum().backward()  # training: f32_moe_keep
+        assert op.call_count == 1 and keep.call_count == 1 and xg.grad is not None
     with native.disabled(), torch.no_grad():
         assert (y - G.grouped_moe(x, w1, w2, w3, experts, weights)).abs().max() <= 1e-6 * y.abs().max()
 

@@ -3,6 +3,9 @@
 //
 //   smoe_native::f32_moe(x (N, D), w1 (E, H, D), w2 (E, D, H), w3 (E, H, D), experts (N, K), weights (N, K))
 //     -> (N, D) fp32: out[n] = sum_k weights[n, k] * w2[e] (silu(w1[e] x[n]) * (w3[e] x[n])), e = experts[n, k]
+//   smoe_native::f32_moe_keep(the same) -> (out, a1 (N K, H), a3 (N K, H)): for training's forward, also the
+//     pre-activations w1[e] x[n] and w3[e] x[n], one row per token-slot in the order of a stable sort of the slots by
+//     expert (smoe.kernels.grouped.sort_by_expert's), which the backward takes
 //
 // The library's products of one expert's rows (128 of them at 512 tokens of 8 experts) run at about 3/4 of the rate of
 // the dense-equivalent's 512-row ones: each call packs the 1536 x 512 weight for fewer rows. Here the tokens are the
@@ -18,11 +21,14 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 
 #include "moe_common.h"
 #include "simd512.h"
@@ -66,28 +72,34 @@ __attribute__((always_inline)) inline void panel(const float* const (&w)[NW], in
     }
 }
 
-// up for rows [j, j + JB) of this expert: h^T[j - h0 ..][t0 ..] = silu(w1 x) * (w3 x) * router weight
+// up for rows [j, j + JB) of this expert: h^T[j - h0 ..][t0 ..] = silu(w1 x) * (w3 x) * router weight; with keep, the
+// pre-activations w1 x and w3 x also into a1T and a3T (laid out as h^T)
 template <int JB, int V>
 void up_panel(const float* w1, const float* w3, int64_t D, const float* xT, int64_t ldb, const float* rw, float* hT,
-              const float* n1, const float* n3) {
+              float* a1T, float* a3T, const float* n1, const float* n3) {
     __m512 acc[2][JB][V];
     panel<2, JB, V>({w1, w3}, D, D, xT, ldb, acc, {n1, n3});
     for (int v = 0; v < V; v++) {
         const __m512 r = _mm512_loadu_ps(rw + 16 * v);
-        for (int j = 0; j < JB; j++)
+        for (int j = 0; j < JB; j++) {
             _mm512_storeu_ps(hT + j * ldb + 16 * v,
                              _mm512_mul_ps(smoe_simd512::swiglu16(acc[0][j][v], acc[1][j][v]), r));
+            if (a1T != nullptr) {
+                _mm512_storeu_ps(a1T + j * ldb + 16 * v, acc[0][j][v]);
+                _mm512_storeu_ps(a3T + j * ldb + 16 * v, acc[1][j][v]);
+            }
+        }
     }
 }
 
 template <int JB>
 void up_panel_v(int64_t vectors, const float* w1, const float* w3, int64_t D, const float* xT, int64_t ldb,
-                const float* rw, float* hT, const float* n1, const float* n3) {
+                const float* rw, float* hT, float* a1T, float* a3T, const float* n1, const float* n3) {
     switch (vectors) {
-        case 1: return up_panel<JB, 1>(w1, w3, D, xT, ldb, rw, hT, n1, n3);
-        case 2: return up_panel<JB, 2>(w1, w3, D, xT, ldb, rw, hT, n1, n3);
-        case 3: return up_panel<JB, 3>(w1, w3, D, xT, ldb, rw, hT, n1, n3);
-        default: return up_panel<JB, 4>(w1, w3, D, xT, ldb, rw, hT, n1, n3);
+        case 1: return up_panel<JB, 1>(w1, w3, D, xT, ldb, rw, hT, a1T, a3T, n1, n3);
+        case 2: return up_panel<JB, 2>(w1, w3, D, xT, ldb, rw, hT, a1T, a3T, n1, n3);
+        case 3: return up_panel<JB, 3>(w1, w3, D, xT, ldb, rw, hT, a1T, a3T, n1, n3);
+        default: return up_panel<JB, 4>(w1, w3, D, xT, ldb, rw, hT, a1T, a3T, n1, n3);
     }
 }
 
@@ -140,7 +152,7 @@ void add_transposed(const float* y, int64_t ldb, int64_t n, const int64_t* token
 // One block of an expert's tokens (x^T and router weights rw, ldb lanes) and a chunk of its hidden units [h0, h0 + hc).
 struct Block {
     const float *w1, *w2, *w3, *xT, *rw;
-    float* hT;  // hc x ldb
+    float *hT, *a1T, *a3T;  // hc x ldb each; the pre-activations only where kept (else null)
     int64_t D, H, h0, hc, ldb;
 };
 
@@ -154,11 +166,12 @@ void up_rows(const Block& b, int64_t p0, int64_t p1) {
             const float* n1 = more && t0 == 0 ? b.w1 + (j + kUpRows) * b.D : nullptr;
             const float* n3 = more && t0 == 0 ? b.w3 + (j + kUpRows) * b.D : nullptr;
             const float *a1 = b.w1 + j * b.D, *a3 = b.w3 + j * b.D, *x = b.xT + t0, *r = b.rw + t0;
-            float* h = b.hT + (j - b.h0) * b.ldb + t0;
-            if (rows == kUpRows) up_panel_v<kUpRows>(vectors, a1, a3, b.D, x, b.ldb, r, h, n1, n3);
-            else if (rows == 1) up_panel_v<1>(vectors, a1, a3, b.D, x, b.ldb, r, h, n1, n3);
-            else if (rows == 2) up_panel_v<2>(vectors, a1, a3, b.D, x, b.ldb, r, h, n1, n3);
-            else up_panel_v<3>(vectors, a1, a3, b.D, x, b.ldb, r, h, n1, n3);
+            const int64_t at = (j - b.h0) * b.ldb + t0;
+            float *h = b.hT + at, *k1 = b.a1T ? b.a1T + at : nullptr, *k3 = b.a3T ? b.a3T + at : nullptr;
+            if (rows == kUpRows) up_panel_v<kUpRows>(vectors, a1, a3, b.D, x, b.ldb, r, h, k1, k3, n1, n3);
+            else if (rows == 1) up_panel_v<1>(vectors, a1, a3, b.D, x, b.ldb, r, h, k1, k3, n1, n3);
+            else if (rows == 2) up_panel_v<2>(vectors, a1, a3, b.D, x, b.ldb, r, h, k1, k3, n1, n3);
+            else up_panel_v<3>(vectors, a1, a3, b.D, x, b.ldb, r, h, k1, k3, n1, n3);
         }
     }
 }
@@ -181,8 +194,35 @@ void down_columns(const Block& b, int64_t g0, int64_t g1, int64_t n, const int64
     }
 }
 
-at::Tensor f32_moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3,
-                   const at::Tensor& experts, const at::Tensor& weights) {
+// the kept pre-activations of hidden units [h0 + 16 g0, h0 + 16 g1) of the block's chunk, from h^T's layout into the
+// n slots' rows of a1 and a3 (H wide), each row's 16 units one line, stored past the cache (the backward reads them
+// much later)
+void keep_rows(const Block& b, int64_t g0, int64_t g1, int64_t n, float* a1, float* a3) {
+    for (int64_t g = g0; g < g1; g++) {
+        const int64_t units = std::min<int64_t>(16, b.hc - g * 16);
+        const bool whole = units == 16 && b.H % 16 == 0;  // every row's 16 units one aligned line
+        for (int which = 0; which < 2; which++) {
+            const float* src = (which == 0 ? b.a1T : b.a3T) + g * 16 * b.ldb;
+            float* dst = (which == 0 ? a1 : a3) + b.h0 + g * 16;
+            for (int64_t t = 0; t * 16 < n; t++) {
+                __m512 r[16];
+                for (int i = 0; i < 16; i++)
+                    r[i] = i < units ? _mm512_loadu_ps(src + i * b.ldb + t * 16) : _mm512_setzero_ps();
+                smoe_simd512::transpose16(r);  // r[q]: slot 16 t + q's 16 units
+                for (int64_t q = 0; q < 16 && t * 16 + q < n; q++) {
+                    float* row = dst + (t * 16 + q) * b.H;
+                    if (whole) _mm512_stream_ps(row, r[q]);
+                    else _mm512_mask_storeu_ps(row, smoe_simd512::lanes(units), r[q]);
+                }
+            }
+        }
+    }
+    _mm_sfence();
+}
+
+// out, and where a1 and a3 are given (N K x H each), the pre-activations in sorted slot order
+at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3,
+               const at::Tensor& experts, const at::Tensor& weights, float* a1, float* a3) {
     smoe_moe::check_args("smoe_native::f32_moe", x, w1, w2, w3, experts, weights, at::kFloat);
     const int64_t N = x.size(0), D = x.size(1), E = w1.size(0), H = w1.size(1), K = experts.size(1);
     TORCH_CHECK(D % 16 == 0, "smoe_native::f32_moe: dim must be a multiple of 16, got ", D);
@@ -197,6 +237,8 @@ at::Tensor f32_moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& 
     Scratch<6, float> xT(D * kBlockTokens);
     Scratch<7, float> hT(std::min(H, kHidden) * kBlockTokens);
     Scratch<8, float> rw(kBlockTokens);
+    Scratch<10, float> a1T(a1 != nullptr ? std::min(H, kHidden) * kBlockTokens : 0);
+    Scratch<11, float> a3T(a1 != nullptr ? std::min(H, kHidden) * kBlockTokens : 0);
 
     for (int64_t ex = 0; ex < E; ex++) {
         for (int64_t b0 = slots.start[ex]; b0 < slots.start[ex + 1]; b0 += kBlockTokens) {
@@ -207,12 +249,17 @@ at::Tensor f32_moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& 
             std::fill(rw.data + n, rw.data + ldb, 0.f);
             for (int64_t h0 = 0; h0 < H; h0 += kHidden) {
                 const Block b{w1c.const_data_ptr<float>() + ex * H * D, w2c.const_data_ptr<float>() + ex * D * H,
-                              w3c.const_data_ptr<float>() + ex * H * D, xT.data, rw.data, hT.data, D, H, h0,
+                              w3c.const_data_ptr<float>() + ex * H * D, xT.data, rw.data, hT.data,
+                              a1 != nullptr ? a1T.data : nullptr, a1 != nullptr ? a3T.data : nullptr, D, H, h0,
                               std::min(kHidden, H - h0), ldb};
                 // the threads take whole panels and whole column groups (whole experts per thread, each summing into
                 // its own output, measured 2-6% slower on 2 threads)
                 at::parallel_for(0, (b.hc + kUpRows - 1) / kUpRows, 8,
                                  [&](int64_t p0, int64_t p1) { up_rows(b, p0, p1); });
+                if (a1 != nullptr)
+                    at::parallel_for(0, (b.hc + 15) / 16, 4, [&](int64_t g0, int64_t g1) {
+                        keep_rows(b, g0, g1, n, a1 + b0 * H, a3 + b0 * H);
+                    });
                 at::parallel_for(0, D / 16, 1, [&](int64_t g0, int64_t g1) { down_columns(b, g0, g1, n, token, o); });
             }
         }
@@ -220,10 +267,29 @@ at::Tensor f32_moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& 
     return out;
 }
 
+at::Tensor f32_moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3,
+                   const at::Tensor& experts, const at::Tensor& weights) {
+    return moe(x, w1, w2, w3, experts, weights, nullptr, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> f32_moe_keep(const at::Tensor& x, const at::Tensor& w1,
+                                                             const at::Tensor& w2, const at::Tensor& w3,
+                                                             const at::Tensor& experts, const at::Tensor& weights) {
+    TORCH_CHECK(w1.dim() == 3, "smoe_native::f32_moe_keep: w1 (E, H, D), got ", w1.sizes());
+    auto a1 = at::empty({experts.numel(), w1.size(1)}, x.options()), a3 = at::empty_like(a1);
+    auto out = moe(x, w1, w2, w3, experts, weights, a1.mutable_data_ptr<float>(), a3.mutable_data_ptr<float>());
+    return {out, a1, a3};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(smoe_native, m) {
     m.def("f32_moe(Tensor x, Tensor w1, Tensor w2, Tensor w3, Tensor experts, Tensor weights) -> Tensor");
+    m.def("f32_moe_keep(Tensor x, Tensor w1, Tensor w2, Tensor w3, Tensor experts, Tensor weights) -> "
+          "(Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(smoe_native, CPU, m) { m.impl("f32_moe", &f32_moe); }
+TORCH_LIBRARY_IMPL(smoe_native, CPU, m) {
+    m.impl("f32_moe", &f32_moe);
+    m.impl("f32_moe_keep", &f32_moe_keep);
+}
