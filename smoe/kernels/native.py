@@ -8,9 +8,9 @@ version and instruction set, kept beside the AOT steps in $SMOE_CACHE/native), f
 set: "amx" (AVX-512 with BF16 and AMX tiles: Sapphire Rapids and later), "avx512" (AVX-512 with BF16 dot
 products: Zen 4) or "avx2" (AVX2 and FMA: x86-64 CPUs since 2013-2015). Loaded as torch ops
 (smoe_native::gemv, expert_gemv, moe_gemv, swiglu, swiglu_backward, route, segment_mm, amx_moe, amx_moe_keep,
-amx_segment_wgrad, amx_probe, f32_moe, f32_moe_keep), which torch.compile and AOTInductor call like any op. Where the
-CPU has none of these instruction sets, no compiler works, or SMOE_NATIVE=0, `available()` is False (a failed build
-warns once) and callers keep their torch code.
+amx_segment_wgrad, amx_probe, f32_moe, f32_moe_keep, f32_segment_wgrad), which torch.compile and AOTInductor call
+like any op. Where the CPU has none of these instruction sets, no compiler works, or SMOE_NATIVE=0, `available()` is
+False (a failed build warns once) and callers keep their torch code.
 """
 
 from __future__ import annotations
@@ -257,6 +257,19 @@ def f32_moe_keep(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor,
     """f32_moe for training's forward: (out, a1_SH, a3_SH), the pre-activations x w1^T and x w3^T, one row per
     token-slot in the order of a stable sort of the slots by expert (grouped.sort_by_expert's)."""
     return torch.ops.smoe_native.f32_moe_keep(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
+
+
+def f32_wgrad_serves(a_SM: torch.Tensor, b_SN: torch.Tensor) -> bool:
+    """Whether f32_segment_wgrad takes these: float32 CPU tensors, b's width a multiple of 16, outside torch.compile,
+    where the "amx" build loaded."""
+    return (a_SM.dtype == b_SN.dtype == torch.float32 and a_SM.is_cpu and b_SN.is_cpu and b_SN.shape[1] % 16 == 0
+            and not torch.compiler.is_compiling() and amx())
+
+
+def f32_segment_wgrad(a_SM: torch.Tensor, b_SN: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """(E, M, N) float32: a[run].T @ b[run] for each expert's run of counts[e] rows in order, zero for an empty one (the
+    grouped backward's weight gradients; runs of up to 256 rows by smoe's kernel, longer ones by the library)."""
+    return torch.ops.smoe_native.f32_segment_wgrad(a_SM, b_SN, counts)
 
 
 def moe_gemv(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,

@@ -1,8 +1,9 @@
 """smoe's fused fp32 MoE (native.f32_moe, csrc/f32_moe.cpp): against float64 and the naive fp32 loop over routings and
 shapes (empty experts, one expert taking every slot, blocks of 128 tokens and a remainder, hidden chunks), on 1 and 2
 threads, its training form (f32_moe_keep) against float64 and the segment path's gradients, where grouped_moe takes
-them, and bad inputs. Runs where the "amx" build loads (Xeons with AMX); elsewhere only
-the build is checked (test_native.py builds every instruction set)."""
+them, and bad inputs; the backward's fp32 weight gradients (f32_segment_wgrad) against float64 and the library. Runs
+where the "amx" build loads (Xeons with AMX); elsewhere only the build is checked (test_native.py builds every
+instruction set)."""
 
 from __future__ import annotations
 
@@ -128,3 +129,49 @@ def test_bad_inputs_are_named():
         native.f32_moe(x, w1, w2.transpose(1, 2), w3, experts, weights)
     with pytest.raises(RuntimeError, match=r"experts and weights \(N, K\)"):
         native.f32_moe(x, w1, w2, w3, experts, weights[:, :1])
+
+
+@pytest.mark.parametrize("counts,M,N", [
+    ([0, 5, 33, 64, 1], 96, 64),  # empty experts, runs shorter than a 16-row block
+    ([130], 61, 32),              # one expert takes every row; M not a multiple of 16 or of the 6-row panels
+    ([7, 0, 40], 32, 96),         # a narrower than b (w2's gradient)
+    ([300, 17, 256], 1024, 48),   # a run past 256 rows (the library's product) beside ones the kernel takes
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_segment_wgrad_against_float64(counts, M, N, threads):
+    g = torch.Generator().manual_seed(sum(counts) + M)
+    a, b = torch.randn(sum(counts), M, generator=g), torch.randn(sum(counts), N, generator=g)
+    with num_threads(threads):
+        out = native.f32_segment_wgrad(a, b, counts)
+    assert out.shape == (len(counts), M, N) and out.dtype == torch.float32
+    lo = 0
+    for e, c in enumerate(counts):
+        exact = a[lo:lo + c].double().T @ b[lo:lo + c].double()
+        mass = a[lo:lo + c].double().abs().T @ b[lo:lo + c].double().abs()
+        assert ((out[e].double() - exact).abs() <= c * 2**-24 * mass).all()  # fp32 sums of c products
+        lo += c
+
+
+def test_grouped_backward_takes_segment_wgrad_with_the_librarys_gradients(monkeypatch):
+    from tests.kernels.test_kernel_backends import run_with_grads
+    args = make(64, 64, 96, 8, 2, seed=5)
+    with unittest.mock.patch.object(native, "f32_segment_wgrad", wraps=native.f32_segment_wgrad) as op:
+        y0, g0 = run_with_grads(G.grouped_moe, *args)
+        assert op.call_count == 3  # w1's, w2's and w3's
+    monkeypatch.setattr(native, "f32_wgrad_serves", lambda *t: False)
+    y1, g1 = run_with_grads(G.grouped_moe, *args)
+    assert torch.equal(y0, y1)
+    for a, b in zip(g0, g1):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_segment_wgrad_bad_inputs_are_named():
+    a, b = torch.randn(10, 32), torch.randn(10, 48)
+    with pytest.raises(ValueError, match="counts sum to 9, a has 10 rows"):
+        native.f32_segment_wgrad(a, b, [4, 5])
+    with pytest.raises(ValueError, match="negative count -1"):
+        native.f32_segment_wgrad(a, b, [11, -1])
+    with pytest.raises(RuntimeError, match="width must be a multiple of 16, got 40"):
+        native.f32_segment_wgrad(a, b[:, :40], [10])
+    with pytest.raises(RuntimeError, match=r"a \(S, M\) and b \(S, N\), float32"):
+        native.f32_segment_wgrad(a.bfloat16(), b, [10])

@@ -6,6 +6,9 @@
 //   smoe_native::f32_moe_keep(the same) -> (out, a1 (N K, H), a3 (N K, H)): for training's forward, also the
 //     pre-activations w1[e] x[n] and w3[e] x[n], one row per token-slot in the order of a stable sort of the slots by
 //     expert (smoe.kernels.grouped.sort_by_expert's), which the backward takes
+//   smoe_native::f32_segment_wgrad(a (S, M), b (S, N), counts (E,)) -> (E, M, N) fp32: a[rows].T @ b[rows] over each
+//     expert's run of counts[e] rows (in order), zero for an empty expert: the backward's weight gradients
+//     (smoe.kernels.grouped.segment_wgrad); N a multiple of 16
 //
 // The library's products of one expert's rows (128 of them at 512 tokens of 8 experts) run at about 3/4 of the rate of
 // the dense-equivalent's 512-row ones: each call packs the 1536 x 512 weight for fewer rows. Here the tokens are the
@@ -23,6 +26,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -281,15 +285,125 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> f32_moe_keep(const at::Tensor& x,
     return {out, a1, a3};
 }
 
+// The backward's weight gradients in fp32: per expert, out (M x N) = a^T b over its R rows. Experts of up to
+// kGradMaxRows rows: a's rows transposed once into a^T (M x R, so a panel's broadcasts come from contiguous rows), then
+// panels of kGradRows rows of out x 64 columns summed over the R rows in registers and stored once, past the cache (the
+// library's product writes the gradient through the cache: 4x the dense-equivalent's bytes). Larger experts: the
+// library's product.
+constexpr int kGradRows = 6;
+constexpr int64_t kGradMaxRows = 256;
+
+template <int JB, int V>
+void grad_panel(const float* aT, int64_t R, const float* b, int64_t N, float* out) {
+    __m512 acc[JB][V];
+    for (int j = 0; j < JB; j++)
+        for (int v = 0; v < V; v++) acc[j][v] = _mm512_setzero_ps();
+    for (int64_t r = 0; r < R; r++) {
+        __m512 x[V];
+        for (int v = 0; v < V; v++) x[v] = _mm512_loadu_ps(b + r * N + 16 * v);
+        for (int j = 0; j < JB; j++) {
+            const __m512 s = _mm512_set1_ps(aT[j * kGradMaxRows + r]);
+            for (int v = 0; v < V; v++) acc[j][v] = _mm512_fmadd_ps(s, x[v], acc[j][v]);
+        }
+    }
+    for (int j = 0; j < JB; j++)
+        for (int v = 0; v < V; v++) _mm512_stream_ps(out + j * N + 16 * v, acc[j][v]);
+}
+
+template <int JB>
+void grad_panel_v(int64_t vectors, const float* aT, int64_t R, const float* b, int64_t N, float* out) {
+    switch (vectors) {
+        case 1: return grad_panel<JB, 1>(aT, R, b, N, out);
+        case 2: return grad_panel<JB, 2>(aT, R, b, N, out);
+        case 3: return grad_panel<JB, 3>(aT, R, b, N, out);
+        default: return grad_panel<JB, 4>(aT, R, b, N, out);
+    }
+}
+
+// rows [m0, m1) of one expert's out = a^T b over its R rows (aT: a^T's rows m0.., kGradMaxRows apart); b's 64 columns
+// stay in L1 across the panels of a^T (the other order, a^T's 6 rows across b's columns, measured alike)
+void grad_rows(const float* aT, const float* b, int64_t N, int64_t R, float* out, int64_t m0, int64_t m1) {
+    for (int64_t n0 = 0; n0 < N; n0 += 64)
+        for (int64_t m = m0; m < m1; m += kGradRows) {
+            const int64_t rows = std::min<int64_t>(kGradRows, m1 - m), vectors = std::min<int64_t>(4, (N - n0) / 16);
+            const float* am = aT + (m - m0) * kGradMaxRows;
+            float* o = out + m * N + n0;
+            switch (rows) {
+                case kGradRows: grad_panel_v<kGradRows>(vectors, am, R, b + n0, N, o); break;
+                case 1: grad_panel_v<1>(vectors, am, R, b + n0, N, o); break;
+                case 2: grad_panel_v<2>(vectors, am, R, b + n0, N, o); break;
+                case 3: grad_panel_v<3>(vectors, am, R, b + n0, N, o); break;
+                case 4: grad_panel_v<4>(vectors, am, R, b + n0, N, o); break;
+                default: grad_panel_v<5>(vectors, am, R, b + n0, N, o); break;
+            }
+        }
+    _mm_sfence();
+}
+
+// a's rows [lo, lo + R) (M wide), columns [m0, m1) (multiples of 16 apart from m1 = M), as aT rows kGradMaxRows apart
+void transpose_rows(const float* a, int64_t M, int64_t R, int64_t m0, int64_t m1, float* aT) {
+    for (int64_t r0 = 0; r0 < R; r0 += 16)
+        for (int64_t c = m0; c < m1; c += 16) {
+            const int64_t rows = std::min<int64_t>(16, R - r0), cols = std::min<int64_t>(16, m1 - c);
+            __m512 v[16];
+            for (int64_t i = 0; i < 16; i++)
+                v[i] = i < rows ? _mm512_maskz_loadu_ps(smoe_simd512::lanes(cols), a + (r0 + i) * M + c)
+                                : _mm512_setzero_ps();
+            smoe_simd512::transpose16(v);  // v[q]: column c + q of the 16 rows
+            for (int64_t q = 0; q < cols; q++) _mm512_storeu_ps(aT + (c - m0 + q) * kGradMaxRows + r0, v[q]);
+        }
+}
+
+at::Tensor f32_segment_wgrad(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts) {
+    TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && a.scalar_type() == at::kFloat &&
+                    b.scalar_type() == at::kFloat && a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0),
+                "smoe_native::f32_segment_wgrad: a (S, M) and b (S, N), float32 CPU tensors, got ", a.sizes(), " ",
+                a.scalar_type(), " and ", b.sizes(), " ", b.scalar_type());
+    const int64_t S = a.size(0), M = a.size(1), N = b.size(1), E = int64_t(counts.size());
+    TORCH_CHECK(N % 16 == 0, "smoe_native::f32_segment_wgrad: b's width must be a multiple of 16, got ", N);
+    int64_t total = 0;
+    for (const int64_t c : counts) {
+        TORCH_CHECK_VALUE(c >= 0, "smoe_native::f32_segment_wgrad: negative count ", c);
+        total += c;
+    }
+    TORCH_CHECK_VALUE(total == S, "smoe_native::f32_segment_wgrad: counts sum to ", total, ", a has ", S, " rows");
+    auto ac = a.contiguous(), bc = b.contiguous();
+    auto out = at::empty({E, M, N}, ac.options());
+    const float *ap = ac.const_data_ptr<float>(), *bp = bc.const_data_ptr<float>();
+    float* op = out.mutable_data_ptr<float>();
+    for (int64_t e = 0, lo = 0; e < E; lo += counts[e], e++) {
+        const int64_t R = counts[e];
+        if (R > kGradMaxRows) {
+            auto oe = out[e];
+            at::mm_out(oe, ac.narrow(0, lo, R).t(), bc.narrow(0, lo, R));
+            continue;
+        }
+        // the threads take rows of out, 48 at a time (whole panels and whole 16-column blocks of a)
+        at::parallel_for(0, (M + 47) / 48, 1, [&](int64_t p0, int64_t p1) {
+            const int64_t m0 = p0 * 48, m1 = std::min(M, p1 * 48);
+            if (R == 0) {
+                std::fill(op + e * M * N + m0 * N, op + e * M * N + m1 * N, 0.f);
+                return;
+            }
+            Scratch<12, float> aT((m1 - m0) * kGradMaxRows);
+            transpose_rows(ap + lo * M, M, R, m0, m1, aT.data);
+            grad_rows(aT.data, bp + lo * N, N, R, op + e * M * N, m0, m1);
+        });
+    }
+    return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(smoe_native, m) {
     m.def("f32_moe(Tensor x, Tensor w1, Tensor w2, Tensor w3, Tensor experts, Tensor weights) -> Tensor");
     m.def("f32_moe_keep(Tensor x, Tensor w1, Tensor w2, Tensor w3, Tensor experts, Tensor weights) -> "
           "(Tensor, Tensor, Tensor)");
+    m.def("f32_segment_wgrad(Tensor a, Tensor b, int[] counts) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(smoe_native, CPU, m) {
     m.impl("f32_moe", &f32_moe);
     m.impl("f32_moe_keep", &f32_moe_keep);
+    m.impl("f32_segment_wgrad", &f32_segment_wgrad);
 }
