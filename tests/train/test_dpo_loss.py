@@ -133,11 +133,14 @@ def test_a_masked_prompt_token_never_contributes(tok):
     g = captured["logits"].grad
     assert g[~scored].abs().max() == 0 and (g[scored].abs().sum(-1) > 0).all()
     noise = torch.randn(g.shape) * 10 * (~scored)[..., None]
-    h = model.output.register_forward_hook(lambda _, __, out: out + noise)
-    with torch.no_grad():
-        loss2, _ = DPOObjective(beta=0.1, aux_coef=0.0, z_coef=0.0)(model, batch)
-    h.remove()
-    assert float(loss2) == float(loss.detach())
+    with torch.no_grad():  # both without autograd: the same kernels, so the same bits
+        clean, _ = DPOObjective(beta=0.1, aux_coef=0.0, z_coef=0.0)(model, batch)
+        h = model.output.register_forward_hook(lambda _, __, out: out + noise)
+        noisy, _ = DPOObjective(beta=0.1, aux_coef=0.0, z_coef=0.0)(model, batch)
+        h.remove()
+    assert float(noisy) == float(clean)
+    # the training forward's kernels (router, experts) round differently from inference's: equal to fp32 rounding
+    assert abs(float(clean) - float(loss.detach())) <= 1e-6 * abs(float(clean))
 
 
 def test_the_reference_model_never_changes_and_precomputed_equals_live(tok, tmp_path):
