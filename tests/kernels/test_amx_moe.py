@@ -16,6 +16,7 @@ from smoe.kernels import grouped as G
 from smoe.kernels import native
 from smoe.kernels.naive import naive_moe
 from tests.conftest import num_threads
+from tests.kernels import moe_cases
 
 
 @pytest.fixture(autouse=True)
@@ -25,14 +26,7 @@ def amx_kernel():
 
 
 def make(N, D, H, E, K, seed=0, skew=False):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, D, generator=g).bfloat16()
-    w1, w3 = ((torch.randn(E, H, D, generator=g) / D**0.5).bfloat16() for _ in range(2))
-    w2 = (torch.randn(E, D, H, generator=g) / H**0.5).bfloat16()
-    experts = (torch.arange(K).expand(N, K).clone() if skew
-               else torch.rand(N, E, generator=g).topk(K, -1).indices)
-    weights = torch.softmax(torch.randn(N, K, generator=g), -1)
-    return x, w1, w2, w3, experts, weights
+    return moe_cases.make(N, D, H, E, K, seed=seed, skew=skew, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("N,D,H,E,K,skew", [

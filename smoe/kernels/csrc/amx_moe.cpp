@@ -523,10 +523,7 @@ at::Tensor amx_moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> amx_moe_keep(const at::Tensor& x, const at::Tensor& w1,
                                                              const at::Tensor& w2, const at::Tensor& w3,
                                                              const at::Tensor& experts, const at::Tensor& weights) {
-    TORCH_CHECK(w1.dim() == 3, "smoe_native::amx_moe_keep: w1 (E, H, D), got ", w1.sizes());
-    auto a1 = at::empty({experts.numel(), w1.size(1)}, x.options()), a3 = at::empty_like(a1);
-    auto out = moe(x, w1, w2, w3, experts, weights, a1.mutable_data_ptr<bf16>(), a3.mutable_data_ptr<bf16>());
-    return {out, a1, a3};
+    return smoe_moe::keeping<bf16>("smoe_native::amx_moe_keep", moe, x, w1, w2, w3, experts, weights);
 }
 
 }  // namespace

@@ -279,10 +279,7 @@ at::Tensor f32_moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> f32_moe_keep(const at::Tensor& x, const at::Tensor& w1,
                                                              const at::Tensor& w2, const at::Tensor& w3,
                                                              const at::Tensor& experts, const at::Tensor& weights) {
-    TORCH_CHECK(w1.dim() == 3, "smoe_native::f32_moe_keep: w1 (E, H, D), got ", w1.sizes());
-    auto a1 = at::empty({experts.numel(), w1.size(1)}, x.options()), a3 = at::empty_like(a1);
-    auto out = moe(x, w1, w2, w3, experts, weights, a1.mutable_data_ptr<float>(), a3.mutable_data_ptr<float>());
-    return {out, a1, a3};
+    return smoe_moe::keeping<float>("smoe_native::f32_moe_keep", moe, x, w1, w2, w3, experts, weights);
 }
 
 // The backward's weight gradients in fp32: per expert, out (M x N) = a^T b over its R rows. Experts of up to

@@ -3,9 +3,12 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <cstdint>
 #include <memory>
+#include <tuple>
 #include <vector>
 
 namespace smoe_moe {
@@ -51,6 +54,19 @@ struct Slots {
         }
     }
 };
+
+// (out, a1, a3) from a fused MoE that also keeps the pre-activations: moe(x, ..., weights, a1, a3) with a1 and a3 fresh
+// (N K x H each, of x's dtype T)
+template <typename T, typename Moe>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> keeping(const char* op, const Moe& moe, const at::Tensor& x,
+                                                        const at::Tensor& w1, const at::Tensor& w2,
+                                                        const at::Tensor& w3, const at::Tensor& experts,
+                                                        const at::Tensor& weights) {
+    TORCH_CHECK(w1.dim() == 3, op, ": w1 (E, H, D), got ", w1.sizes());
+    auto a1 = at::empty({experts.numel(), w1.size(1)}, x.options()), a3 = at::empty_like(a1);
+    auto out = moe(x, w1, w2, w3, experts, weights, a1.mutable_data_ptr<T>(), a3.mutable_data_ptr<T>());
+    return {out, a1, a3};
+}
 
 // Uninitialized scratch memory of at least n elements that this thread keeps between calls (kSlot: one buffer per
 // use), so that no call pays fresh memory's page faults (about 0.35 ms per MB on a Xeon with AMX: 2.8 ms of a
