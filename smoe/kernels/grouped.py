@@ -29,6 +29,10 @@ COMPILED_GATHER_MAX_SLOTS = 32
 # serves (amx_serves); fewer take native_moe (medium preset's experts, 1 thread, on a Xeon with AMX: 1.71 vs
 # 1.71 ms at 8 tokens, 1.72 vs 2.31 at 16, 2.06 vs 6.80 at 64; at 1-4 tokens native_moe 7-9% faster)
 AMX_MIN_SLOTS_PER_EXPERT = 2
+# fp32 training's forward takes the fused op (native.f32_moe_keep, where it serves) from this many token-slots per
+# expert on average; fewer take the segment path (medium preset's experts, 1 thread of a Xeon with AMX, forward+backward
+# against the segment path: 0.88-0.91x at up to 1 slot per expert, 0.98x at 2-3, 1.04x at 4, 1.11x at 8)
+F32_KEEP_MIN_SLOTS_PER_EXPERT = 4
 # token-slots up to which the routing is sorted in Python rather than with tensor ops
 PYTHON_SORT_MAX_SLOTS = 64
 # fp32 inference on the CPU with at least this many token-slots runs expert by expert (gather, SwiGLU,
@@ -249,7 +253,8 @@ class GroupedMoE(torch.autograd.Function):
             # the fused forward, which also hands back the pre-activations in this sorted order
             out_ND, a1_SH, a3_SH = native.amx_moe_keep(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK,
                                                        weights_NK.to(x_ND.dtype).float())
-        elif native.f32_moe_serves(x_ND, w1_EHD, w2_EDH, w3_EHD):
+        elif (experts_NK.numel() >= F32_KEEP_MIN_SLOTS_PER_EXPERT * w1_EHD.shape[0]
+              and native.f32_moe_serves(x_ND, w1_EHD, w2_EDH, w3_EHD)):
             out_ND, a1_SH, a3_SH = native.f32_moe_keep(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
         else:
             out_ND, (a1_SH, a3_SH) = _forward(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segs, keep=True)
