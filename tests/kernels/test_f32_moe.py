@@ -163,7 +163,7 @@ def test_grouped_backward_takes_segment_wgrad_with_the_librarys_gradients(monkey
 
 def test_segment_wgrad_bad_inputs_are_named():
     a, b = torch.randn(10, 32), torch.randn(10, 48)
-    with pytest.raises(ValueError, match="counts sum to 9, a has 10 rows"):
+    with pytest.raises(ValueError, match="counts sum to 9, a and b have 10 rows"):
         native.f32_segment_wgrad(a, b, [4, 5])
     with pytest.raises(ValueError, match="negative count -1"):
         native.f32_segment_wgrad(a, b, [11, -1])

@@ -446,19 +446,10 @@ void wgrad_expert(const bf16* ap, const bf16* bp, int64_t M, int64_t N, int64_t 
 }
 
 at::Tensor amx_segment_wgrad(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts) {
-    TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && a.scalar_type() == at::kBFloat16 &&
-                    b.scalar_type() == at::kBFloat16 && a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0),
-                "smoe_native::amx_segment_wgrad: a (S, M) and b (S, N) bfloat16 CPU tensors, got ", a.sizes(), " ",
-                a.scalar_type(), " and ", b.sizes(), " ", b.scalar_type());
-    const int64_t S = a.size(0), M = a.size(1), N = b.size(1), E = int64_t(counts.size());
+    smoe_moe::check_segment_args("smoe_native::amx_segment_wgrad", a, b, counts, at::kBFloat16);
+    const int64_t M = a.size(1), N = b.size(1), E = int64_t(counts.size());
     TORCH_CHECK(M % 32 == 0 && N % 32 == 0, "smoe_native::amx_segment_wgrad: a's and b's widths must be multiples of 32, "
                 "got ", M, " and ", N);
-    int64_t total = 0;
-    for (const int64_t c : counts) {
-        TORCH_CHECK_VALUE(c >= 0, "smoe_native::amx_segment_wgrad: negative count ", c);
-        total += c;
-    }
-    TORCH_CHECK_VALUE(total == S, "smoe_native::amx_segment_wgrad: counts sum to ", total, ", a and b have ", S, " rows");
     TORCH_CHECK(amx_permitted(), "smoe_native::amx_segment_wgrad: the kernel refused the AMX tile registers");
     auto ac = a.contiguous(), bc = b.contiguous();
     const bf16* ap = ac.const_data_ptr<bf16>();

@@ -1,5 +1,5 @@
-// What smoe's fused MoE ops share (amx_moe.cpp, f32_moe.cpp): their argument checks, the token-slots sorted by expert,
-// and scratch memory a thread keeps between calls.
+// What smoe's fused MoE ops share (amx_moe.cpp, f32_moe.cpp; segment.cpp its count check): their argument checks, the
+// token-slots sorted by expert, and scratch memory a thread keeps between calls.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -30,6 +30,27 @@ inline void check_args(const char* op, const at::Tensor& x, const at::Tensor& w1
                 w2.sizes(), ", ", w3.sizes());
     TORCH_CHECK(experts.dim() == 2 && experts.sizes() == weights.sizes() && experts.size(0) == x.size(0), op,
                 ": experts and weights (N, K), got ", experts.sizes(), " and ", weights.sizes());
+}
+
+// counts (E,): rows per expert, none negative, summing to S (`rows_of`: "a has", say, for the message)
+inline void check_counts(const char* op, at::IntArrayRef counts, int64_t S, const char* rows_of) {
+    int64_t total = 0;
+    for (const int64_t c : counts) {
+        TORCH_CHECK_VALUE(c >= 0, op, ": negative count ", c);
+        total += c;
+    }
+    TORCH_CHECK_VALUE(total == S, op, ": counts sum to ", total, ", ", rows_of, " ", S, " rows");
+}
+
+// a (S, M) and b (S, N), CPU tensors of `dtype`, and counts of their rows per expert: the weight-gradient ops'
+// arguments
+inline void check_segment_args(const char* op, const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts,
+                               at::ScalarType dtype) {
+    TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && a.scalar_type() == dtype && b.scalar_type() == dtype &&
+                    a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0),
+                op, ": a (S, M) and b (S, N), ", dtype == at::kFloat ? "float32" : "bfloat16", " CPU tensors, got ",
+                a.sizes(), " ", a.scalar_type(), " and ", b.sizes(), " ", b.scalar_type());
+    check_counts(op, counts, a.size(0), "a and b have");
 }
 
 // The N K token-slots of each expert together (a counting sort, stable), with their token and router weight:

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "moe_common.h"
 #include "spread.h"
 
 namespace {
@@ -41,12 +42,7 @@ at::Tensor segment_mm(at::TensorList a, at::TensorList w, at::IntArrayRef counts
                     "smoe_native::segment_mm: a_i (S, K_i) and w_i (E = len(counts) = ", E,
                     ", K_i, N), CPU tensors of one dtype; got a ", a[i].sizes(), " ", a[i].scalar_type(), " and w ",
                     w[i].sizes(), " ", w[i].scalar_type());
-    int64_t total = 0;
-    for (const int64_t c : counts) {
-        TORCH_CHECK_VALUE(c >= 0, "smoe_native::segment_mm: negative count ", c);
-        total += c;
-    }
-    TORCH_CHECK_VALUE(total == S, "smoe_native::segment_mm: counts sum to ", total, ", a has ", S, " rows");
+    smoe_moe::check_counts("smoe_native::segment_mm", counts, S, "a has");
     auto out = at::empty({S, N}, a[0].options());
     if (S == 0) return out;
 
