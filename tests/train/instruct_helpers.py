@@ -1,14 +1,18 @@
-"""Builders for the instruct (SFT, DPO, LoRA) tests: a character-level tokenizer.json and tiny base models."""
+"""Builders for the instruct (SFT, DPO, LoRA) tests: a character-level tokenizer.json, tiny base models, and the
+exact-resume check their runs share."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 
 from smoe import ModelConfig, Transformer
 from smoe.tokenizer import HFTokenizer
+from smoe.train.trainer import TrainConfig
 from tests.conftest import num_threads
 
 SPECIALS = ["<unk>", "<s>", "</s>"]
@@ -46,3 +50,21 @@ def one_thread():
     """Run with one intra-op thread: these models are tiny, and on a busy 2-core machine two threads
     spin against other processes (several times slower); restored afterwards."""
     return num_threads(1)
+
+
+def assert_resumes_exactly(tmp_path: Path, run: Callable[[TrainConfig, bool], dict]) -> None:
+    """run(train_config, resume) -> the run's summary: a 4-step run cut after its step-2 checkpoint and resumed ends
+    with the weights of an uninterrupted one (within 1e-6), and a fresh run refuses the cut run's directory."""
+    from smoe.checkpoint import load_model
+
+    def cfg(out: Path, steps: int) -> TrainConfig:
+        return TrainConfig(out_dir=str(out), max_steps=steps, lr=3e-3, warmup_steps=0, min_lr_ratio=1.0, batch_size=2,
+                           log_every=1, eval_every=10**6, save_every=2, tensorboard=False, plots=False, progress=False)
+
+    full = run(cfg(tmp_path / "full", 4), False)
+    run(cfg(tmp_path / "cut", 2), False)
+    resumed = run(cfg(tmp_path / "cut", 4), True)
+    a, b = load_model(full["final"]).state_dict(), load_model(resumed["final"]).state_dict()
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        run(cfg(tmp_path / "cut", 4), False)

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_model
-from instruct_helpers import base_model, char_tokenizer, one_thread
+from instruct_helpers import assert_resumes_exactly, base_model, char_tokenizer, one_thread
 from train_helpers import one_step_grads
 
 from smoe.train.dpo import (
@@ -206,22 +206,9 @@ def _write_pairs(path, pairs):
 def test_dpo_run_resumes_exactly_with_its_saved_reference(tmp_path):
     model = base_model(tmp_path / "base", dim=32, hidden_dim=64)
     data = _write_pairs(tmp_path / "pairs.jsonl", PAIRS * 4)
-
-    def run(out, steps, resume=False):
-        t = TrainConfig(out_dir=str(out), max_steps=steps, lr=3e-3, warmup_steps=0, min_lr_ratio=1.0, batch_size=2,
-                        log_every=1, eval_every=10**6, save_every=2, tensorboard=False, plots=False, progress=False)
-        return run_dpo(DPOConfig(model=str(model), data=str(data), val_fraction=0.25, seq_len=64, train=t),
-                       resume=resume)
-
-    full = run(tmp_path / "full", 4)
-    run(tmp_path / "cut", 2)
-    resumed = run(tmp_path / "cut", 4, resume=True)
-    from smoe.checkpoint import load_model
-    a, b = load_model(full["final"]).state_dict(), load_model(resumed["final"]).state_dict()
-    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    assert_resumes_exactly(tmp_path, lambda t, resume: run_dpo(
+        DPOConfig(model=str(model), data=str(data), val_fraction=0.25, seq_len=64, train=t), resume=resume))
     assert (tmp_path / "cut" / "reference_logps.safetensors").exists()
-    with pytest.raises(ValueError, match="already holds checkpoints"):
-        run(tmp_path / "cut", 4)
 
 
 @pytest.mark.parametrize("line, message", [

@@ -187,28 +187,16 @@ def test_bad_chat_data_names_the_line(tmp_path, line, message):
 
 def test_sft_run_resumes_exactly(tmp_path):
     """`smoe sft` killed after its step-2 checkpoint and resumed ends where an uninterrupted run does."""
-    from instruct_helpers import base_model
+    from instruct_helpers import assert_resumes_exactly, base_model
 
-    from smoe.checkpoint import load_model
     from smoe.train.sft import SFTConfig, run_sft
     from smoe.train.tasks import chat, make_tasks
-    from smoe.train.trainer import TrainConfig
     model = base_model(tmp_path / "base", dim=32, hidden_dim=64)
     train, _ = make_tasks(60, 0, seed=1)
     data = tmp_path / "chats.jsonl"
     data.write_text("".join(json.dumps(chat(p, a)) + "\n" for p, a, _ in train))
-
-    def run(out, steps, resume=False):
-        t = TrainConfig(out_dir=str(out), max_steps=steps, lr=3e-3, warmup_steps=0, min_lr_ratio=1.0, batch_size=2,
-                        log_every=1, eval_every=10**6, save_every=2, tensorboard=False, plots=False, progress=False)
-        return run_sft(SFTConfig(model=str(model), data=str(data), val_fraction=0.1, seq_len=64, train=t),
-                       resume=resume)
-
-    full = run(tmp_path / "full", 4)
-    run(tmp_path / "cut", 2)
-    resumed = run(tmp_path / "cut", 4, resume=True)
-    a, b = load_model(full["final"]).state_dict(), load_model(resumed["final"]).state_dict()
-    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    assert_resumes_exactly(tmp_path, lambda t, resume: run_sft(
+        SFTConfig(model=str(model), data=str(data), val_fraction=0.1, seq_len=64, train=t), resume=resume))
 
 
 def test_finetune_settings_from_the_command_line():
