@@ -50,6 +50,11 @@ AMX_TRANSPOSED_ROWS = range(3, 65) if "amx_bf16" in native.cpu_info()[1] else ra
 # 532 ms) and the wide one's 28% more at 512 rows, so there only the wide one up to 128 rows takes it
 AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 WIDE_MIN_OUT, WIDE_ROWS_MAX, ONEDNN_ROWS_MIN, ONEDNN_MIN_WEIGHT = 8192, 512 if AVX512 else 128, 32, 1 << 18
+# ... but on CPUs with AMX, fp32 products of the narrower weights from MKL_FP32_MIN_ROWS rows stay with MKL: on an
+# Intel Xeon with AMX (weights from memory, the two paths interleaved in one process) MKL took 0.88-0.99x oneDNN's
+# time at 1024-2048 rows for the medium preset's 512-3072 wide weights and 1024 x 4096 (1 and 2 threads); at 512
+# rows 0.96-0.99x on 1 thread but 1.00-1.02x on 2, and at 64-256 rows mostly more than oneDNN (up to 1.16x)
+MKL_FP32_MIN_ROWS = 1024 if "amx_bf16" in native.cpu_info()[1] else None
 
 
 def _onednn_linear_works() -> bool:
@@ -112,6 +117,8 @@ def _onednn_rows(M: int, w_OI: torch.Tensor) -> bool:
         return False
     if w_OI.shape[0] >= WIDE_MIN_OUT:
         return M <= WIDE_ROWS_MAX
+    if MKL_FP32_MIN_ROWS is not None and M >= MKL_FP32_MIN_ROWS and w_OI.dtype == torch.float32:
+        return False
     return AVX512 and M >= ONEDNN_ROWS_MIN and w_OI.numel() >= ONEDNN_MIN_WEIGHT
 
 

@@ -27,6 +27,21 @@ def test_linear_equals_f_linear(rows, out_features):
     assert buf[0].isnan().all() and buf[rows + 1:].isnan().all()  # only its own rows written
 
 
+def test_fp32_products_of_many_rows_stay_with_mkl_where_set(monkeypatch):
+    # MKL_FP32_MIN_ROWS (set on CPUs with AMX): from that many rows an fp32 product takes F.linear, not oneDNN;
+    # fewer rows, and other dtypes, keep the choice they had
+    w = torch.randn(4200, 64)  # narrow, and large enough for oneDNN
+    monkeypatch.setattr(L, "MKL_FP32_MIN_ROWS", None)
+    before = {rows: L._onednn_rows(rows, w) for rows in (40, 300, 600)}
+    monkeypatch.setattr(L, "MKL_FP32_MIN_ROWS", 300)
+    assert L._onednn_rows(40, w) == before[40]
+    assert not L._onednn_rows(300, w) and not L._onednn_rows(600, w)
+    assert L._onednn_rows(600, w.bfloat16()) == before[600]
+    x = torch.randn(600, 64)
+    with torch.no_grad():
+        assert torch.equal(L.linear(x, w), F.linear(x, w))
+
+
 def test_linear_keeps_autograd_and_other_dtypes_on_f_linear():
     w = torch.randn(9000, 32, requires_grad=True)
     x = torch.randn(4, 32, requires_grad=True)
