@@ -52,8 +52,8 @@ AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 WIDE_MIN_OUT, WIDE_ROWS_MAX, ONEDNN_ROWS_MIN, ONEDNN_MIN_WEIGHT = 8192, 512 if AVX512 else 128, 32, 1 << 18
 # ... but on CPUs with AMX, fp32 products of the narrower weights from MKL_FP32_MIN_ROWS rows stay with MKL: on an
 # Intel Xeon with AMX (weights from memory, the two paths interleaved in one process) MKL took 0.88-0.99x oneDNN's
-# time at 1024-2048 rows for the medium preset's 512-3072 wide weights and 1024 x 4096 (1 and 2 threads); at 512
-# rows 0.96-0.99x on 1 thread but 1.00-1.02x on 2, and at 64-256 rows mostly more than oneDNN (up to 1.16x)
+# time at 1024-2048 rows for the medium preset's 512-3072 wide weights (1 and 2 threads) and 1024 x 4096 (1 thread);
+# at 512 rows 0.96-0.99x on 1 thread but 1.00-1.02x on 2, and at 64-256 rows mostly more than oneDNN (up to 1.16x)
 MKL_FP32_MIN_ROWS = 1024 if "amx_bf16" in native.cpu_info()[1] else None
 
 
