@@ -38,11 +38,12 @@ PAIR_MIN_OUT, PAIR_MAX_IN = 256, 768
 # other vendors' CPUs: on an Intel Xeon with AMX (1 thread, weights from memory) they took 1.1-2.4x the time
 # of F.linear at 1-4 rows (1536 x 512: 521 vs 216 us at 1 row, 496 vs 210 at 2), so only other CPUs take them
 FEW_ROWS_REWRITES = native.cpu_info()[0] != "GenuineIntel"
+AMX_CPU = "amx_bf16" in native.cpu_info()[1]  # the CPUs the two AMX-only choices below were measured on
 # eager bf16 products of AMX_TRANSPOSED_ROWS rows as (w @ x.T).T on CPUs with AMX (before smoe's kernel, which
 # is slower there from 3 rows), where oneDNN tiles the weight's rows rather than x's few (Xeon with AMX, 1
 # thread, weights from memory: 1536 x 512 at 8 rows 199 vs 273 us, 32000 x 1024 at 4-8 rows 5.6 vs 8.1 ms (the
 # kernel 8.6-11.0); at 64 rows 0.78-0.89x the time; from 256 rows mixed, 0.9-1.25x)
-AMX_TRANSPOSED_ROWS = range(3, 65) if "amx_bf16" in native.cpu_info()[1] else range(0)
+AMX_TRANSPOSED_ROWS = range(3, 65) if AMX_CPU else range(0)
 # oneDNN: outputs at least WIDE_MIN_OUT wide (a vocabulary projection) with other row counts up to WIDE_ROWS_MAX;
 # narrower weights of at least ONEDNN_MIN_WEIGHT elements from ONEDNN_ROWS_MIN rows (fewer rows or smaller
 # weights measured alike or mixed). Measured with AVX-512 (Zen 4); on an AVX2 CPU (Zen 3) oneDNN's products
@@ -54,7 +55,7 @@ WIDE_MIN_OUT, WIDE_ROWS_MAX, ONEDNN_ROWS_MIN, ONEDNN_MIN_WEIGHT = 8192, 512 if A
 # Intel Xeon with AMX (weights from memory, the two paths interleaved in one process) MKL took 0.88-0.99x oneDNN's
 # time at 1024-2048 rows for the medium preset's 512-3072 wide weights (1 and 2 threads) and 1024 x 4096 (1 thread);
 # at 512 rows 0.96-0.99x on 1 thread but 1.00-1.02x on 2, and at 64-256 rows mostly more than oneDNN (up to 1.16x)
-MKL_FP32_MIN_ROWS = 1024 if "amx_bf16" in native.cpu_info()[1] else None
+MKL_FP32_MIN_ROWS = 1024 if AMX_CPU else None
 
 
 def _onednn_linear_works() -> bool:
