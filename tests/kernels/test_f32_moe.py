@@ -1,9 +1,9 @@
 """smoe's fused fp32 MoE (native.f32_moe, csrc/f32_moe.cpp): against float64 and the naive fp32 loop over routings and
-shapes (empty experts, one expert taking every slot, blocks of 128 tokens and a remainder, hidden chunks), on 1 and 2
-threads, its training form (f32_moe_keep) against float64 and the segment path's gradients, where grouped_moe takes
-them, and bad inputs; the backward's fp32 weight gradients (f32_segment_wgrad) against float64 and the library. Runs
-where the "amx" build loads (Xeons with AMX); elsewhere only the build is checked (test_native.py builds every
-instruction set)."""
+shapes (empty experts, one expert taking every slot, blocks of 128 tokens and a remainder, hidden chunks, blocks'
+last tokens as rows), on 1 and 2 threads, its training form (f32_moe_keep) against float64 and the segment path's
+gradients, where grouped_moe takes them, and bad inputs; the backward's fp32 weight gradients (f32_segment_wgrad)
+against float64 and the library. Runs where the "amx" build loads (Xeons with AMX); elsewhere only the build is
+checked (test_native.py builds every instruction set)."""
 
 from __future__ import annotations
 
@@ -53,6 +53,41 @@ def test_against_float64_within_fp32_error(N, D, H, E, K, skew, threads):
     # a token's output does not depend on the other tokens computed with it (up to the order of its experts' sums)
     last = native.f32_moe(x[-1:], w1, w2, w3, experts[-1:], weights[-1:])
     assert (y[-1:] - last).abs().max() <= 1e-6 * scale
+
+
+def routed(counts, D, H, seed=0):
+    """make()'s tensors with K = 1 and counts[e] tokens routed to expert e, the tokens in a shuffled order."""
+    g = torch.Generator().manual_seed(seed)
+    x, w1, w2, w3, _, _ = make(sum(counts), D, H, len(counts), 1, seed=seed)
+    experts = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    experts = experts[torch.randperm(len(experts), generator=g)][:, None]
+    return x, w1, w2, w3, experts, torch.rand(len(experts), 1, generator=g) + 0.5
+
+
+# tokens per expert: a block's last n % 16 tokens are rows, not padded lanes, when few (up to 7) past 64 lanes or more
+# (70, 116, 263 = 2 x 128 + 7); a remainder of up to 11 past a whole block joins it (139, 133); too many past the
+# lanes (90: 80 + 10; 124), too few lanes (40), an empty expert and whole vectors keep lanes
+TAIL_COUNTS = [70, 139, 90, 0, 40, 116, 263, 133, 124, 64]
+
+
+@pytest.mark.parametrize("H", [96, 1100])  # 1100: a hidden chunk of 1024 and one of 76 (not a multiple of 16)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_block_tails_as_rows_against_float64(H, threads):
+    x, w1, w2, w3, experts, weights = args = routed(TAIL_COUNTS, 64, H, seed=H)
+    with num_threads(threads):
+        y = native.f32_moe(*args)
+        out, a1, a3 = native.f32_moe_keep(*args)
+    ref = naive_moe(*(t.double() for t in (x, w1, w2, w3)), experts, weights.double())
+    # fp32 sums of H products: the lanes' own (sequential) sums err up to 1.2e-6 of the scale at H 1100
+    assert (y.double() - ref).abs().max() <= (1e-6 if H < 1024 else 2e-6) * ref.abs().max()
+    assert torch.equal(out, y)
+    token_S, _, counts = G.sort_by_expert(experts, len(TAIL_COUNTS))
+    expert_S = torch.repeat_interleave(torch.arange(len(TAIL_COUNTS)), torch.tensor(counts))
+    xs = x[token_S].double()
+    for got, w in ((a1, w1), (a3, w3)):
+        exact = torch.einsum("sd,shd->sh", xs, w[expert_S].double())
+        mass = torch.einsum("sd,shd->sh", xs.abs(), w[expert_S].double().abs())
+        assert ((got.double() - exact).abs() <= 64 * 2**-24 * mass).all()
 
 
 @pytest.mark.parametrize("N,D,H,E,K,skew", [(17, 64, 96, 8, 2, False), (300, 64, 96, 8, 2, True),

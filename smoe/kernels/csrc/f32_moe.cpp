@@ -17,7 +17,11 @@
 //   2. up: kUpRows rows each of w1 and w3 against up to 64 tokens (24 accumulators), silu(a1) * a3 times the router
 //      weight into h^T (H x n), the next rows fetched meanwhile (no hardware prefetcher follows 6 short rows);
 //   3. down: kDownRows rows of w2 against h^T, 16 output columns at a time transposed and added into the
-//      tokens' output rows (a chunk of kHidden hidden units at a time: partial sums add like the whole).
+//      tokens' output rows (a chunk of kHidden hidden units at a time: partial sums add like the whole);
+//   4. a block's last few tokens past a multiple of 16 (its tail) are rows instead of lanes of a vector padded with
+//      zeros: after each panel, its weight rows (in L1) against the tail's rows of x or h, 16 products per FMA summed
+//      across the lanes at the end (at 512 tokens of 8 experts, top-2, routed at random, the padding was 7% of the
+//      lanes).
 // The intra-op threads split the up product by hidden rows and the down product by output columns: no two threads
 // write the same place. The sums are fp32 throughout, in another order than the library's.
 #include <immintrin.h>
@@ -50,6 +54,13 @@ constexpr int kUpRows = 3;             // rows of w1 and of w3 per up panel (at 
 constexpr int kUpVectors = 4;          // 16-token vectors per up panel: 64 tokens
 constexpr int kDownRows = 8;           // rows of w2 per down panel (a 16-column group is two)
 constexpr int kDownVectors = 4;        // 16-token vectors per down panel
+// A block's last n % 16 tokens (its tail), up to kTailMax of them, are rows (dot products against the weight rows the
+// lanes' panels leave in L1), not lanes of a vector of 16 padded with zeros, where the block has kTailMinLanes lanes
+// besides; an expert's remainder of up to kTailMerged past a whole block is that block's tail (no pass over the
+// weights of its own). Rows cost more per token than full lanes: past these counts the padded vector took less time.
+constexpr int64_t kTailMax = 7;
+constexpr int64_t kTailMerged = 11;
+constexpr int64_t kTailMinLanes = 64;
 
 // acc[i][j][v] = sum over k < K of w[i][j * ldw + k] * bT[k * ldb + 16 v ..] for NW weights' JB rows and V vectors of
 // 16 tokens; the same rows of next[i] (if given) are fetched into L1 a line per 16 k, for the next panel
@@ -74,6 +85,80 @@ __attribute__((always_inline)) inline void panel(const float* const (&w)[NW], in
                 for (int v = 0; v < V; v++) acc[i][j][v] = _mm512_fmadd_ps(a, b[v], acc[i][j][v]);
             }
     }
+}
+
+// acc[i * T + t] += w[i][k0 .. k1) * x[t][k0 .. k1) lane by lane, for R weight rows and tokens t0 .. t0 + TB (of T) as
+// rows: the tail's tokens, each weight vector against TB of them. Not inlined: in one function with its caller's
+// epilogue, gcc kept the accumulators on the stack and stored them on every iteration.
+template <int R, int TB>
+__attribute__((noinline)) void dots(const float* const* w, const float* const* x, int64_t t0, int64_t T, int64_t k0,
+                                    int64_t k1, __m512* acc) {
+    __m512 a[R][TB];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; i++)
+#pragma GCC unroll 4
+        for (int t = 0; t < TB; t++) a[i][t] = acc[i * T + t0 + t];
+    for (int64_t k = k0; k < k1; k += 16) {
+        const __mmask16 m = k1 - k >= 16 ? __mmask16(0xffff) : smoe_simd512::lanes(k1 - k);
+        __m512 xv[TB];
+#pragma GCC unroll 4
+        for (int t = 0; t < TB; t++) xv[t] = _mm512_maskz_loadu_ps(m, x[t0 + t] + k);
+#pragma GCC unroll 8
+        for (int i = 0; i < R; i++) {
+            const __m512 wv = _mm512_maskz_loadu_ps(m, w[i] + k);
+#pragma GCC unroll 4
+            for (int t = 0; t < TB; t++) a[i][t] = _mm512_fmadd_ps(wv, xv[t], a[i][t]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < R; i++)
+#pragma GCC unroll 4
+        for (int t = 0; t < TB; t++) acc[i * T + t0 + t] = a[i][t];
+}
+
+// out[n] = the sum of v[n]'s 16 lanes, for n < count: 16 vectors at a time by a tree of shuffles and adds
+// (30 shuffles and 15 adds for 16 sums)
+void lane_sums(const __m512* v, int64_t count, float* out) {
+    for (int64_t n0 = 0; n0 < count; n0 += 16) {
+        __m512 s[16];
+        for (int k = 0; k < 16; k++) {  // in transposed order: the tree's result lane 4 L + p sums input 4 p + L
+            const int64_t n = n0 + 4 * (k & 3) + (k >> 2);
+            s[k] = n < count ? v[n] : _mm512_setzero_ps();
+        }
+        for (int i = 0; i < 8; i++)  // s[i]: 128-bit lanes 0-1 partial sums of input 2i, 2-3 of input 2i + 1
+            s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0x44),
+                                 _mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0xee));
+        for (int j = 0; j < 4; j++)  // s[j]: 128-bit lane L the partial sums of input 4j + L
+            s[j] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * j], s[2 * j + 1], 0x88),
+                                 _mm512_shuffle_f32x4(s[2 * j], s[2 * j + 1], 0xdd));
+        for (int j = 0; j < 2; j++)
+            s[j] = _mm512_add_ps(_mm512_unpacklo_ps(s[2 * j], s[2 * j + 1]),
+                                 _mm512_unpackhi_ps(s[2 * j], s[2 * j + 1]));
+        const __m512 sums = _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s[0]), _mm512_castps_pd(s[1]))),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s[0]), _mm512_castps_pd(s[1]))));
+        _mm512_mask_storeu_ps(out + n0, smoe_simd512::lanes(count - n0), sums);
+    }
+}
+
+// out[i * T + t] = w[i] . x[t] over [0, K) for R weight rows and T <= kTailMerged token rows, the k's in blocks of kb
+// (the rows' pieces of a block stay in L1 across the token groups)
+template <int R, int TB>
+void tail_dots(const float* const* w, const float* const* x, int64_t T, int64_t K, int64_t kb, float* out) {
+    __m512 acc[R * kTailMerged];
+    for (int64_t n = 0; n < R * T; n++) acc[n] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += kb) {
+        const int64_t k1 = std::min(K, k0 + kb);
+        int64_t t0 = 0;
+        for (; t0 + TB <= T; t0 += TB) dots<R, TB>(w, x, t0, T, k0, k1, acc);
+        switch (T - t0) {
+            case 3: dots<R, std::min(TB, 3)>(w, x, t0, T, k0, k1, acc); break;
+            case 2: dots<R, std::min(TB, 2)>(w, x, t0, T, k0, k1, acc); break;
+            case 1: dots<R, 1>(w, x, t0, T, k0, k1, acc); break;
+            default: break;
+        }
+    }
+    lane_sums(acc, R * T, out);
 }
 
 // up for rows [j, j + JB) of this expert: h^T[j - h0 ..][t0 ..] = silu(w1 x) * (w3 x) * router weight; with keep, the
@@ -154,11 +239,56 @@ void add_transposed(const float* y, int64_t ldb, int64_t n, const int64_t* token
 }
 
 // One block of an expert's tokens (x^T and router weights rw, ldb lanes) and a chunk of its hidden units [h0, h0 + hc).
+// The block's last r tokens (its tail) are rows instead: tokens tail[t] of x, router weights trw, h rows in th.
 struct Block {
     const float *w1, *w2, *w3, *xT, *rw;
     float *hT, *a1T, *a3T;  // hc x ldb each; the pre-activations only where kept (else null)
     int64_t D, H, h0, hc, ldb;
+    const float *x, *trw;
+    const int64_t* tail;
+    int64_t r;
+    float *th, *ta1, *ta3;  // r x kHidden; the tail slots' rows of a1 and a3 (H wide) where kept
 };
+
+// up for the tail's tokens and hidden rows [j, j + JB): their h rows (and the kept pre-activations) directly
+template <int JB>
+void up_tail(const Block& b, int64_t j) {
+    const float* w[2 * JB];
+    for (int i = 0; i < JB; i++) {
+        w[i] = b.w1 + (j + i) * b.D;
+        w[JB + i] = b.w3 + (j + i) * b.D;
+    }
+    const float* x[kTailMerged];
+    for (int64_t t = 0; t < b.r; t++) x[t] = b.x + b.tail[t] * b.D;
+    float s[2 * JB * kTailMerged], h[JB * kTailMerged];  // s: w1's rows' sums, then w3's, each [i][t]
+    tail_dots<2 * JB, 4>(w, x, b.r, b.D, b.D, s);
+    const int64_t n = JB * b.r;
+    for (int64_t c = 0; c < n; c += 16) {
+        const __mmask16 m = smoe_simd512::lanes(n - c);
+        _mm512_mask_storeu_ps(h + c, m, smoe_simd512::swiglu16(_mm512_maskz_loadu_ps(m, s + c),
+                                                               _mm512_maskz_loadu_ps(m, s + n + c)));
+    }
+    for (int64_t t = 0; t < b.r; t++)
+        for (int i = 0; i < JB; i++) {
+            b.th[t * kHidden + j - b.h0 + i] = h[i * b.r + t] * b.trw[t];
+            if (b.ta1 != nullptr) {
+                b.ta1[t * b.H + j + i] = s[i * b.r + t];
+                b.ta3[t * b.H + j + i] = s[n + i * b.r + t];
+            }
+        }
+}
+
+// down for the tail's tokens and output columns [d, d + kDownRows), added into their rows of out
+void down_tail(const Block& b, int64_t d, float* out) {
+    const float* w[kDownRows];
+    for (int i = 0; i < kDownRows; i++) w[i] = b.w2 + (d + i) * b.H + b.h0;
+    const float* h[kTailMerged];
+    for (int64_t t = 0; t < b.r; t++) h[t] = b.th + t * kHidden;
+    float s[kDownRows * kTailMerged];
+    tail_dots<kDownRows, 3>(w, h, b.r, b.hc, 256, s);
+    for (int64_t t = 0; t < b.r; t++)
+        for (int i = 0; i < kDownRows; i++) out[b.tail[t] * b.D + d + i] += s[i * b.r + t];
+}
 
 // up: h^T rows of up panels p0 .. p1 (kUpRows hidden units each) of the block's chunk
 void up_rows(const Block& b, int64_t p0, int64_t p1) {
@@ -177,6 +307,10 @@ void up_rows(const Block& b, int64_t p0, int64_t p1) {
             else if (rows == 2) up_panel_v<2>(vectors, a1, a3, b.D, x, b.ldb, r, h, k1, k3, n1, n3);
             else up_panel_v<3>(vectors, a1, a3, b.D, x, b.ldb, r, h, k1, k3, n1, n3);
         }
+        if (b.r == 0) continue;
+        if (rows == kUpRows) up_tail<kUpRows>(b, j);
+        else if (rows == 1) up_tail<1>(b, j);
+        else up_tail<2>(b, j);
     }
 }
 
@@ -193,6 +327,7 @@ void down_columns(const Block& b, int64_t g0, int64_t g1, int64_t n, const int64
                 down_panel_v(vectors, b.w2 + d * b.H + b.h0, b.H, b.hc, b.hT + t0, b.ldb, y.data + r * b.ldb + t0,
                              next);
             }
+            if (b.r > 0) down_tail(b, d, out);
         }
         add_transposed(y.data, b.ldb, n, token, out, b.D, g * 16);
     }
@@ -243,10 +378,16 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, 
     Scratch<8, float> rw(kBlockTokens);
     Scratch<10, float> a1T(a1 != nullptr ? std::min(H, kHidden) * kBlockTokens : 0);
     Scratch<11, float> a3T(a1 != nullptr ? std::min(H, kHidden) * kBlockTokens : 0);
+    Scratch<13, float> th(kTailMerged * kHidden);
 
     for (int64_t ex = 0; ex < E; ex++) {
-        for (int64_t b0 = slots.start[ex]; b0 < slots.start[ex + 1]; b0 += kBlockTokens) {
-            const int64_t n = std::min(kBlockTokens, slots.start[ex + 1] - b0), ldb = (n + 15) / 16 * 16;
+        for (int64_t b0 = slots.start[ex], all = 0; b0 < slots.start[ex + 1]; b0 += all) {
+            // the block's tokens: n lanes of x^T and h^T, and r rows (its tail)
+            const int64_t left = slots.start[ex + 1] - b0;
+            all = left <= kBlockTokens + kTailMerged ? left : kBlockTokens;
+            const int64_t tail_max = all > kBlockTokens ? kTailMerged : kTailMax;
+            const int64_t r = all % 16 <= tail_max && all - all % 16 >= kTailMinLanes ? all % 16 : 0, n = all - r;
+            const int64_t ldb = (n + 15) / 16 * 16;
             const int64_t* token = slots.token.data() + b0;
             gather_transposed(xc.const_data_ptr<float>(), D, token, n, ldb, xT.data);
             std::copy(slots.weight.data() + b0, slots.weight.data() + b0 + n, rw.data);
@@ -255,7 +396,9 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, 
                 const Block b{w1c.const_data_ptr<float>() + ex * H * D, w2c.const_data_ptr<float>() + ex * D * H,
                               w3c.const_data_ptr<float>() + ex * H * D, xT.data, rw.data, hT.data,
                               a1 != nullptr ? a1T.data : nullptr, a1 != nullptr ? a3T.data : nullptr, D, H, h0,
-                              std::min(kHidden, H - h0), ldb};
+                              std::min(kHidden, H - h0), ldb, xc.const_data_ptr<float>(), slots.weight.data() + b0 + n,
+                              token + n, r, th.data, a1 != nullptr ? a1 + (b0 + n) * H : nullptr,
+                              a1 != nullptr ? a3 + (b0 + n) * H : nullptr};
                 // the threads take whole panels and whole column groups (whole experts per thread, each summing into
                 // its own output, took 0.99-1.06x the time on 2 threads)
                 at::parallel_for(0, (b.hc + kUpRows - 1) / kUpRows, 8,
