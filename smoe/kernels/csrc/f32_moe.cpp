@@ -56,9 +56,12 @@ constexpr int kDownRows = 8;           // rows of w2 per down panel (a 16-column
 constexpr int kDownVectors = 4;        // 16-token vectors per down panel
 // A block's last n % 16 tokens (its tail), up to kTailMax of them, are rows (dot products against the weight rows the
 // lanes' panels leave in L1), not lanes of a vector of 16 padded with zeros, where the block has kTailMinLanes lanes
-// besides; an expert's remainder of up to kTailMerged past a whole block is that block's tail (no pass over the
-// weights of its own). Rows cost more per token than full lanes: past these counts the padded vector took less time.
+// besides; up to kTailMaxBeside1 where the last lane pass has one vector (held by its broadcasts, it takes a second
+// one at little cost); an expert's remainder of up to kTailMerged past a whole block is that block's tail (no pass
+// over the weights of its own). Rows cost more per token than full lanes: past these counts the padded vector took
+// less time.
 constexpr int64_t kTailMax = 7;
+constexpr int64_t kTailMaxBeside1 = 4;
 constexpr int64_t kTailMerged = 11;
 constexpr int64_t kTailMinLanes = 64;
 
@@ -385,8 +388,9 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, 
             // the block's tokens: n lanes of x^T and h^T, and r rows (its tail)
             const int64_t left = slots.start[ex + 1] - b0;
             all = left <= kBlockTokens + kTailMerged ? left : kBlockTokens;
-            const int64_t tail_max = all > kBlockTokens ? kTailMerged : kTailMax;
-            const int64_t r = all % 16 <= tail_max && all - all % 16 >= kTailMinLanes ? all % 16 : 0, n = all - r;
+            const int64_t whole = all - all % 16;
+            const int64_t tail_max = all > kBlockTokens ? kTailMerged : whole % 64 == 16 ? kTailMaxBeside1 : kTailMax;
+            const int64_t r = all % 16 <= tail_max && whole >= kTailMinLanes ? all % 16 : 0, n = all - r;
             const int64_t ldb = (n + 15) / 16 * 16;
             const int64_t* token = slots.token.data() + b0;
             gather_transposed(xc.const_data_ptr<float>(), D, token, n, ldb, xT.data);
