@@ -97,6 +97,25 @@ def test_keep_is_the_same_on_any_split_of_hidden_tiles(H):
     assert all(torch.equal(p, q) for p, q in zip(one, two))
 
 
+@pytest.mark.parametrize("N,D,H,E,K,skew", [
+    (300, 64, 96, 8, 2, True),     # two experts with every slot: shares of 300 slots, blocks of 256 and remainders
+    (600, 512, 1056, 2, 2, True),  # weights past 2 MB per expert: each share in blocks of 512
+    (400, 64, 2080, 4, 2, False),  # about 200 slots per expert, at the edge of a split; hidden chunks of 1024 and 32
+])
+def test_the_same_sums_when_the_threads_split_an_experts_slots(N, D, H, E, K, skew):
+    # on 2 threads an expert with at least 2 x 96 slots is split by slots (each thread runs its share through both
+    # products), fewer by hidden rows and output columns; every slot's sums are the same either way
+    args = make(N, D, H, E, K, seed=N + H, skew=skew)
+    counts = torch.bincount(args[4].reshape(-1), minlength=E)
+    assert counts.max() >= 2 * 96
+    with num_threads(1):
+        one = native.amx_moe_keep(*args)
+    with num_threads(2):
+        two = native.amx_moe_keep(*args)
+        assert torch.equal(two[0], native.amx_moe(*args))
+    assert all(torch.equal(p, q) for p, q in zip(one, two))
+
+
 def test_grouped_training_forward_takes_keep_with_the_segment_paths_gradients(monkeypatch):
     from tests.kernels.test_kernel_backends import run_with_grads
     args = make(64, 64, 96, 8, 2, seed=3)
