@@ -1,9 +1,9 @@
 """smoe's fused fp32 MoE (native.f32_moe, csrc/f32_moe.cpp): against float64 and the naive fp32 loop over routings and
 shapes (empty experts, one expert taking every slot, blocks of 128 tokens and a remainder, hidden chunks, blocks'
-last tokens as rows), on 1 and 2 threads, its training form (f32_moe_keep) against float64 and the segment path's
-gradients, where grouped_moe takes them, and bad inputs; the backward's fp32 weight gradients (f32_segment_wgrad)
-against float64 and the library. Runs where the "amx" build loads (Xeons with AMX); elsewhere only the build is
-checked (test_native.py builds every instruction set)."""
+last tokens as rows), on 1 and 2 threads (an expert's slots split between them), its training form (f32_moe_keep)
+against float64 and the segment path's gradients, where grouped_moe takes them, and bad inputs; the backward's fp32
+weight gradients (f32_segment_wgrad) against float64 and the library. Runs where the "amx" build loads (Xeons with
+AMX); elsewhere only the build is checked (test_native.py builds every instruction set)."""
 
 from __future__ import annotations
 
@@ -84,6 +84,39 @@ def test_block_tails_as_rows_against_float64(H, threads):
     assert torch.equal(out, y)
     token_S, _, counts = G.sort_by_expert(experts, len(TAIL_COUNTS))
     expert_S = torch.repeat_interleave(torch.arange(len(TAIL_COUNTS)), torch.tensor(counts))
+    xs = x[token_S].double()
+    for got, w in ((a1, w1), (a3, w3)):
+        exact = torch.einsum("sd,shd->sh", xs, w[expert_S].double())
+        mass = torch.einsum("sd,shd->sh", xs.abs(), w[expert_S].double().abs())
+        assert ((got.double() - exact).abs() <= 64 * 2**-24 * mass).all()
+
+
+# on 2 threads an expert of 2 x 512 slots or more is split by slots, each thread's share ending on a multiple of 16:
+# 1030 = 512 + 518 (the same 6-row tail as on 1 thread), 1100 = 544 + 556, 1161 = 576 + 585 (its last 9 slots are rows
+# on 1 thread, a block of 137, and lanes on 2, a block of 73); 1000 and 40 are split by hidden rows and output columns
+SPLIT_COUNTS = [1030, 40, 1100, 0, 1161, 1000]
+
+
+@pytest.mark.parametrize("H", [96, 1100])
+def test_two_threads_splitting_an_experts_slots_against_float64(H):
+    x, w1, w2, w3, experts, weights = args = routed(SPLIT_COUNTS, 64, H, seed=H + 1)
+    with num_threads(1):
+        one = native.f32_moe_keep(*args)
+    with num_threads(2):
+        y = native.f32_moe(*args)
+        out, a1, a3 = native.f32_moe_keep(*args)
+    assert torch.equal(out, y)
+    ref = naive_moe(*(t.double() for t in (x, w1, w2, w3)), experts, weights.double())
+    scale = ref.abs().max()
+    assert (y.double() - ref).abs().max() <= (1e-6 if H < 1024 else 2e-6) * scale
+    # the same sums as on 1 thread but for an expert's last few slots, lanes on one thread count and rows on the other
+    assert (y - one[0]).abs().max() <= 1e-6 * scale
+    token_S, _, counts = G.sort_by_expert(experts, len(SPLIT_COUNTS))
+    expert_S = torch.repeat_interleave(torch.arange(len(SPLIT_COUNTS)), torch.tensor(counts))
+    same = torch.ones(len(token_S), dtype=torch.bool)
+    same[sum(SPLIT_COUNTS[:5]) - 9:sum(SPLIT_COUNTS[:5])] = False
+    assert torch.equal(a1[same], one[1][same]) and torch.equal(a3[same], one[2][same])
+    assert not torch.equal(a1[~same], one[1][~same])  # so the slots were split
     xs = x[token_S].double()
     for got, w in ((a1, w1), (a3, w3)):
         exact = torch.einsum("sd,shd->sh", xs, w[expert_S].double())

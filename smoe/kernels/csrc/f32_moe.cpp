@@ -22,8 +22,10 @@
 //      zeros: after each panel, its weight rows (in L1) against the tail's rows of x or h, 16 products per FMA summed
 //      across the lanes at the end (at 512 tokens of 8 experts, top-2, routed at random, the padding was 7% of the
 //      lanes).
-// The intra-op threads split the up product by hidden rows and the down product by output columns: no two threads
-// write the same place. The sums are fp32 throughout, in another order than the library's.
+// The intra-op threads take shares of an expert's slots where it has many (kSplitMinSlots per thread), else split the
+// up product by hidden rows and the down product by output columns: no two threads write the same place. The sums
+// are fp32 throughout, in another order than the library's; a share ends on a multiple of 16 slots, so an expert's
+// last few slots may be lanes on one thread count and rows (a block's tail) on another, their sums rounded apart.
 #include <immintrin.h>
 
 #include <ATen/Parallel.h>
@@ -64,6 +66,11 @@ constexpr int64_t kTailMax = 7;
 constexpr int64_t kTailMaxBeside1 = 4;
 constexpr int64_t kTailMerged = 11;
 constexpr int64_t kTailMinLanes = 64;
+// on several threads, an expert with at least this many token-slots per thread is split by slots, not by hidden rows and
+// output columns (the medium preset's experts on 2 threads of a Xeon with AMX, in-process A/B against the split by rows
+// and columns: 0.96-0.99x the time at 4096 tokens, 0.95-0.96 at 8192; 256 per thread tied at 2048 tokens, 1.02x in
+// training's forward, and 128 lost, 1.02-1.05x at 1024)
+constexpr int64_t kSplitMinSlots = 512;
 
 // acc[i][j][v] = sum over k < K of w[i][j * ldw + k] * bT[k * ldb + 16 v ..] for NW weights' JB rows and V vectors of
 // 16 tokens; the same rows of next[i] (if given) are fetched into L1 a line per 16 k, for the next panel
@@ -376,33 +383,34 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, 
                                 E);
     auto out = at::zeros({N, D}, xc.options());
     float* o = out.mutable_data_ptr<float>();
-    Scratch<6, float> xT(D * kBlockTokens);
-    Scratch<7, float> hT(std::min(H, kHidden) * kBlockTokens);
-    Scratch<8, float> rw(kBlockTokens);
-    Scratch<10, float> a1T(a1 != nullptr ? std::min(H, kHidden) * kBlockTokens : 0);
-    Scratch<11, float> a3T(a1 != nullptr ? std::min(H, kHidden) * kBlockTokens : 0);
-    Scratch<13, float> th(kTailMerged * kHidden);
-
-    for (int64_t ex = 0; ex < E; ex++) {
-        for (int64_t b0 = slots.start[ex], all = 0; b0 < slots.start[ex + 1]; b0 += all) {
+    const float* xp = xc.const_data_ptr<float>();
+    // expert ex's slots [lo, hi) in blocks, each through the up and down products on the intra-op threads (on the
+    // calling thread alone where called in a parallel region)
+    auto run = [&](int64_t ex, int64_t lo, int64_t hi) {
+        Scratch<6, float> xT(D * kBlockTokens);
+        Scratch<7, float> hT(std::min(H, kHidden) * kBlockTokens);
+        Scratch<8, float> rw(kBlockTokens);
+        Scratch<10, float> a1T(a1 != nullptr ? std::min(H, kHidden) * kBlockTokens : 0);
+        Scratch<11, float> a3T(a1 != nullptr ? std::min(H, kHidden) * kBlockTokens : 0);
+        Scratch<13, float> th(kTailMerged * kHidden);
+        for (int64_t b0 = lo, all = 0; b0 < hi; b0 += all) {
             // the block's tokens: n lanes of x^T and h^T, and r rows (its tail)
-            const int64_t left = slots.start[ex + 1] - b0;
+            const int64_t left = hi - b0;
             all = left <= kBlockTokens + kTailMerged ? left : kBlockTokens;
             const int64_t whole = all - all % 16;
             const int64_t tail_max = all > kBlockTokens ? kTailMerged : whole % 64 == 16 ? kTailMaxBeside1 : kTailMax;
             const int64_t r = all % 16 <= tail_max && whole >= kTailMinLanes ? all % 16 : 0, n = all - r;
             const int64_t ldb = (n + 15) / 16 * 16;
             const int64_t* token = slots.token.data() + b0;
-            gather_transposed(xc.const_data_ptr<float>(), D, token, n, ldb, xT.data);
+            gather_transposed(xp, D, token, n, ldb, xT.data);
             std::copy(slots.weight.data() + b0, slots.weight.data() + b0 + n, rw.data);
             std::fill(rw.data + n, rw.data + ldb, 0.f);
             for (int64_t h0 = 0; h0 < H; h0 += kHidden) {
                 const Block b{w1c.const_data_ptr<float>() + ex * H * D, w2c.const_data_ptr<float>() + ex * D * H,
                               w3c.const_data_ptr<float>() + ex * H * D, xT.data, rw.data, hT.data,
                               a1 != nullptr ? a1T.data : nullptr, a1 != nullptr ? a3T.data : nullptr, D, H, h0,
-                              std::min(kHidden, H - h0), ldb, xc.const_data_ptr<float>(), slots.weight.data() + b0 + n,
-                              token + n, r, th.data, a1 != nullptr ? a1 + (b0 + n) * H : nullptr,
-                              a1 != nullptr ? a3 + (b0 + n) * H : nullptr};
+                              std::min(kHidden, H - h0), ldb, xp, slots.weight.data() + b0 + n, token + n, r, th.data,
+                              a1 != nullptr ? a1 + (b0 + n) * H : nullptr, a1 != nullptr ? a3 + (b0 + n) * H : nullptr};
                 // the threads take whole panels and whole column groups (whole experts per thread, each summing into
                 // its own output, took 0.99-1.06x the time on 2 threads)
                 at::parallel_for(0, (b.hc + kUpRows - 1) / kUpRows, 8,
@@ -413,6 +421,22 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, 
                     });
                 at::parallel_for(0, D / 16, 1, [&](int64_t g0, int64_t g1) { down_columns(b, g0, g1, n, token, o); });
             }
+        }
+    };
+    const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+    for (int64_t ex = 0; ex < E; ex++) {
+        const int64_t lo = slots.start[ex], slots_e = slots.start[ex + 1] - lo;
+        if (threads > 1 && slots_e >= threads * kSplitMinSlots) {
+            // many slots: each thread takes its own share of them through both products, so that the x^T and h^T it
+            // reads are the ones it wrote. An expert's slots are distinct tokens: no two threads add into the same
+            // row of out
+            at::parallel_for(0, threads, 1, [&](int64_t q0, int64_t q1) {
+                for (int64_t q = q0; q < q1; q++)
+                    run(ex, lo + slots_e * q / threads / 16 * 16,
+                        q + 1 == threads ? lo + slots_e : lo + slots_e * (q + 1) / threads / 16 * 16);
+            });
+        } else {
+            run(ex, lo, lo + slots_e);
         }
     }
     return out;
