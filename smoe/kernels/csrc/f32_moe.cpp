@@ -66,10 +66,10 @@ constexpr int64_t kTailMax = 7;
 constexpr int64_t kTailMaxBeside1 = 4;
 constexpr int64_t kTailMerged = 11;
 constexpr int64_t kTailMinLanes = 64;
-// on several threads, an expert with at least this many token-slots per thread is split by slots, not by hidden rows and
+// on several threads, an expert with at least this many slots per thread is split by slots, not by hidden rows and
 // output columns (the medium preset's experts on 2 threads of a Xeon with AMX, in-process A/B against the split by rows
-// and columns: 0.96-0.99x the time at 4096 tokens, 0.95-0.96 at 8192; 256 per thread tied at 2048 tokens, 1.02x in
-// training's forward, and 128 lost, 1.02-1.06x at 1024)
+// and columns: 0.96-1.00x the time at 4096 tokens, 0.93-0.99 at 8192, the quickstart's (D 128, H 256) 0.83-0.91; 256
+// per thread tied at 2048 tokens, 1.02x in training's forward, and 128 lost, 1.02-1.06x at 1024)
 constexpr int64_t kSplitMinSlots = 512;
 
 // acc[i][j][v] = sum over k < K of w[i][j * ldw + k] * bT[k * ldb + 16 v ..] for NW weights' JB rows and V vectors of
