@@ -91,10 +91,10 @@ def test_block_tails_as_rows_against_float64(H, threads):
         assert ((got.double() - exact).abs() <= 64 * 2**-24 * mass).all()
 
 
-# on 2 threads an expert of 2 x 512 slots or more is split by slots, each thread's share ending on a multiple of 16:
-# 1030 = 512 + 518 (the same 6-row tail as on 1 thread), 1100 = 544 + 556, 1161 = 576 + 585 (its last 9 slots are rows
-# on 1 thread, a block of 137, and lanes on 2, a block of 73); 1000 and 40 are split by hidden rows and output columns
-SPLIT_COUNTS = [1030, 40, 1100, 0, 1161, 1000]
+# on 2 threads an expert of 2 x 128 slots or more is split by slots, each thread's share ending on a multiple of 16:
+# 270 = 128 + 142, 300 = 144 + 156, 393 = 192 + 201 (its last 9 slots are rows on 1 thread, in a block of 137, and
+# lanes on 2, in a block of 73); 200 and 40 are split by hidden rows and output columns
+SPLIT_COUNTS = [270, 40, 300, 0, 393, 200]
 
 
 @pytest.mark.parametrize("H", [96, 1100])

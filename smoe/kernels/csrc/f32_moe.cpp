@@ -67,10 +67,11 @@ constexpr int64_t kTailMaxBeside1 = 4;
 constexpr int64_t kTailMerged = 11;
 constexpr int64_t kTailMinLanes = 64;
 // on several threads, an expert with at least this many slots per thread is split by slots, not by hidden rows and
-// output columns (the medium preset's experts on 2 threads of a Xeon with AMX, in-process A/B against the split by rows
-// and columns: 0.96-1.00x the time at 4096 tokens, 0.93-0.99 at 8192, the quickstart's (D 128, H 256) 0.83-0.91; 256
-// per thread tied at 2048 tokens, 1.02x in training's forward, and 128 lost, 1.02-1.06x at 1024)
-constexpr int64_t kSplitMinSlots = 512;
+// output columns (2 threads of a Xeon with AMX, in-process A/B against two builds of the split by rows and columns,
+// both orders of loading, 1024-4096 tokens: the medium preset's experts 0.94-1.02x the time, 1.01-1.02 only in the
+// inference forward at 1024; the small preset's 0.87-0.98, the quickstart's 0.73-0.92; 64 per thread lost 1.02-1.04x
+// for the medium preset's experts at 512 tokens, each thread reading every weight for 64 tokens)
+constexpr int64_t kSplitMinSlots = 128;
 
 // acc[i][j][v] = sum over k < K of w[i][j * ldw + k] * bT[k * ldb + 16 v ..] for NW weights' JB rows and V vectors of
 // 16 tokens; the same rows of next[i] (if given) are fetched into L1 a line per 16 k, for the next panel
