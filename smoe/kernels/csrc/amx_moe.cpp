@@ -62,7 +62,7 @@ constexpr int64_t kTileBytes = 1024;  // 16 rows of 64 bytes
 constexpr int64_t kTileElems = kTileBytes / 2;
 constexpr int64_t kL2Bytes = int64_t(2) << 20;  // per core on the Xeon with AMX these choices were measured on
 constexpr int64_t kPassChunks = 8;  // 32-element chunks of the reduced dimension per pass over the token tiles
-// on several threads, an expert with at least this many token-slots per thread is split by slots, not by hidden rows and
+// on several threads, an expert with at least this many slots per thread is split by slots, not by hidden rows and
 // output columns (the medium preset's experts on 2 threads of a Xeon with AMX, in-process A/B against the split by rows
 // and columns: 0.88-0.92x the time at 4096 tokens, 0.85-0.91x at 2048, 0.97x at 1024; 64 per thread lost, 1.05x at 512)
 constexpr int64_t kSplitMinSlots = 96;
@@ -346,37 +346,29 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, 
         }
         _tile_release();
     };
-    const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-
     for (int64_t ex = 0; ex < E; ex++) {
         const bf16* w1e = w1c.const_data_ptr<bf16>() + ex * H * D;
         const bf16* w3e = w3c.const_data_ptr<bf16>() + ex * H * D;
         const bf16* w2e = w2c.const_data_ptr<bf16>() + ex * D * H;
-        const int64_t slots_e = start[ex + 1] - start[ex];
-        if (threads > 1 && slots_e >= threads * kSplitMinSlots) {
-            // many slots: each thread takes its own share of the expert's slots through both products, so the x and h
-            // tiles it reads are the ones it wrote (split by hidden rows and output columns, each thread read the
-            // other's half of h from the other core's cache, and the x tiles that one thread gathered). An expert's
-            // slots are distinct tokens: no two threads add into the same row of the sums, and each slot's sums are
-            // the same on any number of threads
-            at::parallel_for(0, threads, 1, [&](int64_t q0, int64_t q1) {
-                Scratch<6, bf16> xt(block_tokens / 16 * (D / 32) * kTileElems);
-                Scratch<7, bf16> ht(block_tokens / 16 * (max_hidden / 32) * kTileElems);
-                for (int64_t q = q0; q < q1; q++) {
-                    const int64_t lo = start[ex] + slots_e * q / threads, hi = start[ex] + slots_e * (q + 1) / threads;
-                    for (int64_t b0 = lo; b0 < hi; b0 += block_tokens) {
-                        const int64_t n = std::min(block_tokens, hi - b0);
-                        gather_b_tiles(xp, D, token + b0, n, (n + 15) / 16, xt.data);
-                        for (int64_t h0 = 0; h0 < H; h0 += kHidden) {
-                            const int64_t hchunks = std::min(kHidden, H - h0) / 32;
-                            up(w1e, w3e, h0, hchunks, b0, n, xt.data, ht.data, h0 / 16, h0 / 16 + hchunks * 2);
-                            down(w2e, h0, hchunks, b0, n, ht.data, 0, D / 32);
-                        }
-                    }
+        // many slots: each thread takes its own share of the expert's slots through both products, so the x and h
+        // tiles it reads are the ones it wrote (split by hidden rows and output columns, each thread read the other's
+        // half of h from the other core's cache, and the x tiles that one thread gathered); each slot's sums are the
+        // same on any number of threads
+        const bool split = smoe_moe::split_slots(start[ex], start[ex + 1] - start[ex], kSplitMinSlots, 1,
+                                                 [&](int64_t lo, int64_t hi) {
+            Scratch<6, bf16> xt(block_tokens / 16 * (D / 32) * kTileElems);
+            Scratch<7, bf16> ht(block_tokens / 16 * (max_hidden / 32) * kTileElems);
+            for (int64_t b0 = lo; b0 < hi; b0 += block_tokens) {
+                const int64_t n = std::min(block_tokens, hi - b0);
+                gather_b_tiles(xp, D, token + b0, n, (n + 15) / 16, xt.data);
+                for (int64_t h0 = 0; h0 < H; h0 += kHidden) {
+                    const int64_t hchunks = std::min(kHidden, H - h0) / 32;
+                    up(w1e, w3e, h0, hchunks, b0, n, xt.data, ht.data, h0 / 16, h0 / 16 + hchunks * 2);
+                    down(w2e, h0, hchunks, b0, n, ht.data, 0, D / 32);
                 }
-            });
-            continue;
-        }
+            }
+        });
+        if (split) continue;
         for (int64_t b0 = start[ex]; b0 < start[ex + 1]; b0 += block_tokens) {
             const int64_t n = std::min(block_tokens, start[ex + 1] - b0);
             gather_b_tiles(xp, D, token + b0, n, (n + 15) / 16, xb.data);

@@ -424,21 +424,12 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, 
             }
         }
     };
-    const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
     for (int64_t ex = 0; ex < E; ex++) {
-        const int64_t lo = slots.start[ex], slots_e = slots.start[ex + 1] - lo;
-        if (threads > 1 && slots_e >= threads * kSplitMinSlots) {
-            // many slots: each thread takes its own share of them through both products, so that the x^T and h^T it
-            // reads are the ones it wrote. An expert's slots are distinct tokens: no two threads add into the same
-            // row of out
-            at::parallel_for(0, threads, 1, [&](int64_t q0, int64_t q1) {
-                for (int64_t q = q0; q < q1; q++)
-                    run(ex, lo + slots_e * q / threads / 16 * 16,
-                        q + 1 == threads ? lo + slots_e : lo + slots_e * (q + 1) / threads / 16 * 16);
-            });
-        } else {
-            run(ex, lo, lo + slots_e);
-        }
+        // many slots: each thread takes its own share of them through both products, so that the x^T and h^T it reads
+        // are the ones it wrote; shares end on whole vectors of 16 slots
+        const int64_t lo = slots.start[ex], n = slots.start[ex + 1] - lo;
+        if (!smoe_moe::split_slots(lo, n, kSplitMinSlots, 16, [&](int64_t s0, int64_t s1) { run(ex, s0, s1); }))
+            run(ex, lo, lo + n);
     }
     return out;
 }

@@ -2,6 +2,7 @@
 // token-slots sorted by expert, and scratch memory a thread keeps between calls.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -79,6 +80,21 @@ struct Slots {
         }
     }
 };
+
+// An expert's n slots from lo split between the intra-op threads where there are several and at least
+// min_per_thread slots each: f(lo_q, hi_q) on each thread for its contiguous share, every share but the last ending a
+// multiple of align slots from lo. Returns whether it split (else the caller runs the slots itself). An expert's slots
+// are distinct tokens, so shares never write the same output row.
+template <typename F>
+bool split_slots(int64_t lo, int64_t n, int64_t min_per_thread, int64_t align, const F& f) {
+    const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+    if (threads < 2 || n < threads * min_per_thread) return false;
+    const auto bound = [&](int64_t q) { return q == threads ? lo + n : lo + n * q / threads / align * align; };
+    at::parallel_for(0, threads, 1, [&](int64_t q0, int64_t q1) {
+        for (int64_t q = q0; q < q1; q++) f(bound(q), bound(q + 1));
+    });
+    return true;
+}
 
 // (out, a1, a3) from a fused MoE that also keeps the pre-activations: moe(x, ..., weights, a1, a3) with a1 and a3 fresh
 // (N K x H each, of x's dtype T)
