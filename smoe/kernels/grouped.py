@@ -7,8 +7,8 @@ nothing and no expert weight is ever copied, so a decode step reads only the cho
 Autograd goes through a hand-written backward (the same segment matmuls, MegaBlocks-style) that
 keeps only the two S x H pre-activations. fp32 inference on many slots runs expert by expert instead
 (gather, SwiGLU, scatter-add per expert), since its faster library products come in new tensors. Inference
-beyond the smallest sizes takes smoe's fused ops where the CPU has AMX: native.amx_moe (bf16) and
-native.f32_moe (fp32).
+beyond the smallest sizes takes smoe's fused ops: native.amx_moe (bf16, CPUs with AMX) and native.f32_moe (fp32,
+CPUs with AMX, and AVX2 ones below F32_AVX2_MAX_SLOTS_PER_EXPERT).
 
 Under torch.compile (decode only: few tokens) the per-expert loop would break the graph, so fixed-
 shape formulations are used instead: a gather (inductor fuses the indexed weight loads into the
@@ -33,6 +33,11 @@ AMX_MIN_SLOTS_PER_EXPERT = 2
 # expert on average; fewer take the segment path (medium preset's experts, 1 thread of a Xeon with AMX, forward+backward
 # against the segment path: 0.88-0.91x at up to 1 slot per expert, 0.98x at 2-3, 1.04x at 4, 1.11x at 8)
 F32_KEEP_MIN_SLOTS_PER_EXPERT = 4
+# the fused fp32 op's AVX2 build (native.f32_moe's on CPUs without AVX-512) is taken below this many token-slots per
+# expert on average; from there the library's products of an expert's many rows are as fast (the medium preset's
+# experts on a Zen 3, in-process against the library path: inference 0.75-0.88x the time at 128 per expert on 1-2
+# threads, 0.92-1.04x at 256, 0.96-1.01x at 1024; training's forward 0.91-0.95x at 128, 0.98 at 256, 1.07 at 1024)
+F32_AVX2_MAX_SLOTS_PER_EXPERT = 256
 # token-slots up to which the routing is sorted in Python rather than with tensor ops
 PYTHON_SORT_MAX_SLOTS = 64
 # fp32 inference on the CPU with at least this many token-slots runs expert by expert (gather, SwiGLU,
@@ -254,7 +259,7 @@ class GroupedMoE(torch.autograd.Function):
             out_ND, a1_SH, a3_SH = native.amx_moe_keep(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK,
                                                        weights_NK.to(x_ND.dtype).float())
         elif (experts_NK.numel() >= F32_KEEP_MIN_SLOTS_PER_EXPERT * w1_EHD.shape[0]
-              and native.f32_moe_serves(x_ND, w1_EHD, w2_EDH, w3_EHD)):
+              and f32_fused_takes(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK)):
             out_ND, a1_SH, a3_SH = native.f32_moe_keep(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
         else:
             out_ND, (a1_SH, a3_SH) = _forward(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segs, keep=True)
@@ -341,6 +346,14 @@ def amx_takes(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3
                                                                                               w3_EHD)
 
 
+def f32_fused_takes(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
+                    experts_NK: torch.Tensor) -> bool:
+    """Whether fp32 experts run as smoe's fused op (f32_moe, or f32_moe_keep under autograd) where it serves: the
+    AVX-512 build at any size, the AVX2 build below F32_AVX2_MAX_SLOTS_PER_EXPERT slots per expert on average."""
+    return native.f32_moe_serves(x_ND, w1_EHD, w2_EDH, w3_EHD) and (
+        native.amx() or experts_NK.numel() < F32_AVX2_MAX_SLOTS_PER_EXPERT * w1_EHD.shape[0])
+
+
 def grouped_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
                 experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
     """Gather tokens once in expert order, run each active expert's rows as one matmul, scatter-add back."""
@@ -358,9 +371,9 @@ def grouped_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, 
     if (not grad and experts_NK.numel() <= native.max_rows(x_ND.dtype) * w1_EHD.shape[0]
             and native.serves(x_ND, w1_EHD)):
         return native_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)  # eager or compiled
-    # fp32 inference on more slots, on a CPU with AMX: the fused fp32 op (the medium preset's experts, 1 thread of a
+    # fp32 inference on more slots: the fused fp32 op where f32_fused_takes (the medium preset's experts, 1 thread of a
     # Xeon with AMX, against the library's per-expert products: 1.9x faster at 64 tokens, 1.6x at 128, 1.2x at 512)
-    if not grad and native.f32_moe_serves(x_ND, w1_EHD, w2_EDH, w3_EHD):
+    if not grad and f32_fused_takes(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK):
         return native.f32_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
     if torch.compiler.is_compiling() and experts_NK.numel() <= COMPILED_GATHER_MAX_SLOTS:
         # fixed-shape formulations (no host sync, no graph break): per-slot gathers while the slots are

@@ -8,7 +8,8 @@ version and instruction set, kept beside the AOT steps in $SMOE_CACHE/native), f
 set: "amx" (AVX-512 with BF16 and AMX tiles: Sapphire Rapids and later), "avx512" (AVX-512 with BF16 dot
 products: Zen 4) or "avx2" (AVX2 and FMA: x86-64 CPUs since 2013-2015). Loaded as torch ops
 (smoe_native::gemv, expert_gemv, moe_gemv, swiglu, swiglu_backward, route, segment_mm, amx_moe, amx_moe_keep,
-amx_segment_wgrad, amx_probe, f32_moe, f32_moe_keep, f32_segment_wgrad), which torch.compile and AOTInductor call
+amx_segment_wgrad, amx_probe, f32_segment_wgrad; f32_moe and f32_moe_keep in the amx and avx2 builds), which
+torch.compile and AOTInductor call
 like any op. Where the CPU has none of these instruction sets, no compiler works, or SMOE_NATIVE=0, `available()` is
 False (a failed build warns once) and callers keep their torch code.
 """
@@ -35,12 +36,12 @@ AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
 AVX512_NEEDS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
 # instruction set -> (the /proc/cpuinfo flags it needs, the compiler's flags, the sources), best first; "amx" is
 # "avx512" plus the fused MoE of csrc/amx_moe.cpp on AMX tiles and the fp32 one of csrc/f32_moe.cpp (AVX-512, but
-# measured only on the Xeon with AMX)
+# measured only on the Xeon with AMX); "avx2" has the fp32 one at 8 lanes (csrc/f32_moe_avx2.cpp, measured on a Zen 3)
 SOURCES = ["gemv.cpp", "swiglu.cpp", "route.cpp", "segment.cpp"]
 ISAS = {"amx": (AVX512_NEEDS | {"amx_tile", "amx_bf16"}, [*AVX512_FLAGS, "-mamx-tile", "-mamx-bf16"],
                 [*SOURCES, "amx_moe.cpp", "f32_moe.cpp"]),
         "avx512": (AVX512_NEEDS, AVX512_FLAGS, SOURCES),
-        "avx2": ({"avx2", "fma"}, ["-mavx2", "-mfma"], SOURCES)}
+        "avx2": ({"avx2", "fma"}, ["-mavx2", "-mfma"], [*SOURCES, "f32_moe_avx2.cpp"])}
 # products of up to this many rows of x go through the kernels, by instruction set and dtype: where they
 # measured faster than torch's paths (benchmarks/linear.py, 1 thread, weights from memory). avx512, Zen 4:
 # bf16 1.6-2.9x at 1-2 rows, 0.87-1.74x at 8, alike at 16-32 (fp32 not measured there: torch's code).
@@ -211,6 +212,12 @@ def amx() -> bool:
     return _loaded() and _state["isa"] == "amx"
 
 
+def f32_fused() -> bool:
+    """Whether smoe's fused fp32 MoE (f32_moe, f32_moe_keep) is loaded: the "amx" build's (csrc/f32_moe.cpp, AVX-512)
+    or the "avx2" build's (csrc/f32_moe_avx2.cpp)."""
+    return _loaded() and _state["isa"] in ("amx", "avx2")
+
+
 def amx_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
             experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
     """The bf16 MoE experts (N, D) in one op on AMX tiles: weights read in place, the gather, SwiGLU, router
@@ -239,10 +246,10 @@ def amx_probe_ns(products: int = 1 << 16) -> float:
 
 def f32_moe_serves(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor) -> bool:
     """Whether smoe's fused fp32 MoE (csrc/f32_moe.cpp, `f32_moe`) takes these tensors: float32 on the CPU, dim a
-    multiple of 16, outside torch.compile, where the "amx" build loaded (the caller checks grad)."""
+    multiple of 16, outside torch.compile, where the "amx" or "avx2" build loaded (the caller checks grad)."""
     return (x_ND.dtype == w1_EHD.dtype == w2_EDH.dtype == w3_EHD.dtype == torch.float32 and x_ND.device.type == "cpu"
             and w1_EHD.device.type == "cpu" and x_ND.shape[-1] % 16 == 0 and not torch.compiler.is_compiling()
-            and amx())
+            and f32_fused())
 
 
 def f32_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,

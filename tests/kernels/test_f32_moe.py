@@ -2,8 +2,9 @@
 shapes (empty experts, one expert taking every slot, blocks of 128 tokens and a remainder, hidden chunks, blocks'
 last tokens as rows), on 1 and 2 threads (an expert's slots split between them), its training form (f32_moe_keep)
 against float64 and the segment path's gradients, where grouped_moe takes them, and bad inputs; the backward's fp32
-weight gradients (f32_segment_wgrad) against float64 and the library. Runs where the "amx" build loads (Xeons with
-AMX); elsewhere only the build is checked (test_native.py builds every instruction set)."""
+weight gradients (f32_segment_wgrad) against float64 and the library. Runs where the "amx" build (Xeons with AMX:
+csrc/f32_moe.cpp, 16 lanes) or the "avx2" one (csrc/f32_moe_avx2.cpp, 8 lanes, no block tails as rows and no weight
+gradients) loads; elsewhere only the build is checked (test_native.py builds every instruction set)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,11 @@ from tests.kernels import moe_cases
 
 @pytest.fixture(autouse=True)
 def f32_kernel():
-    if not native.amx():
-        pytest.skip("needs the kernels' amx build (a CPU with AMX-BF16 and a C++ compiler that builds for it)")
+    if not native.f32_fused():
+        pytest.skip("needs the kernels' amx or avx2 build (an x86-64 CPU and a C++ compiler that builds for it)")
+
+
+needs_amx = pytest.mark.skipif("not native.amx()", reason="f32_segment_wgrad is in the amx build only")
 
 
 def make(N, D, H, E, K, seed=0, skew=False):
@@ -109,14 +113,16 @@ def test_two_threads_splitting_an_experts_slots_against_float64(H):
     ref = naive_moe(*(t.double() for t in (x, w1, w2, w3)), experts, weights.double())
     scale = ref.abs().max()
     assert (y.double() - ref).abs().max() <= (1e-6 if H < 1024 else 2e-6) * scale
-    # the same sums as on 1 thread but for an expert's last few slots, lanes on one thread count and rows on the other
+    # the same sums as on 1 thread but, in the amx build, for an expert's last few slots, lanes on one thread count and
+    # rows on the other (the avx2 build has no rows: the same sums everywhere)
     assert (y - one[0]).abs().max() <= 1e-6 * scale
     token_S, _, counts = G.sort_by_expert(experts, len(SPLIT_COUNTS))
     expert_S = torch.repeat_interleave(torch.arange(len(SPLIT_COUNTS)), torch.tensor(counts))
     same = torch.ones(len(token_S), dtype=torch.bool)
-    same[sum(SPLIT_COUNTS[:5]) - 9:sum(SPLIT_COUNTS[:5])] = False
+    if native.amx():
+        same[sum(SPLIT_COUNTS[:5]) - 9:sum(SPLIT_COUNTS[:5])] = False
+        assert not torch.equal(a1[~same], one[1][~same])  # so the slots were split
     assert torch.equal(a1[same], one[1][same]) and torch.equal(a3[same], one[2][same])
-    assert not torch.equal(a1[~same], one[1][~same])  # so the slots were split
     xs = x[token_S].double()
     for got, w in ((a1, w1), (a3, w3)):
         exact = torch.einsum("sd,shd->sh", xs, w[expert_S].double())
@@ -166,12 +172,13 @@ def test_no_tokens_and_every_expert_empty_but_one():
 
 
 def test_grouped_takes_it_for_fp32_inference_past_the_decode_kernel():
-    x, w1, w2, w3, experts, weights = make(40, 64, 96, 8, 2)  # 80 slots: past native_moe's 8 per expert
+    few = native.max_rows(torch.float32) * 8 // 2  # tokens up to which native_moe takes them (8 experts, top-2)
+    x, w1, w2, w3, experts, weights = make(few + 8, 64, 96, 8, 2)  # past native_moe's slots per expert
     with unittest.mock.patch.object(native, "f32_moe", wraps=native.f32_moe) as op:
         with torch.no_grad():
             y = G.grouped_moe(x, w1, w2, w3, experts, weights)
             assert op.call_count == 1
-            G.grouped_moe(x[:32], w1, w2, w3, experts[:32], weights[:32])  # 64 slots: native_moe
+            G.grouped_moe(x[:few], w1, w2, w3, experts[:few], weights[:few])  # native_moe
             G.grouped_moe(*(t.bfloat16() for t in (x, w1, w2, w3)), experts, weights)  # bf16: amx_moe
             assert op.call_count == 1
         xg = x.clone().requires_grad_()
@@ -196,6 +203,7 @@ def test_bad_inputs_are_named():
         native.f32_moe(x, w1, w2, w3, experts, weights[:, :1])
 
 
+@needs_amx
 @pytest.mark.parametrize("counts,M,N", [
     ([0, 5, 33, 64, 1], 96, 64),  # empty experts, runs shorter than a 16-row block
     ([130], 61, 32),              # one expert takes every row; M not a multiple of 16 or of the 6-row panels
@@ -217,6 +225,7 @@ def test_segment_wgrad_against_float64(counts, M, N, threads):
         lo += c
 
 
+@needs_amx
 def test_grouped_backward_takes_segment_wgrad_with_the_librarys_gradients(monkeypatch):
     from tests.kernels.test_kernel_backends import run_with_grads
     args = make(64, 64, 96, 8, 2, seed=5)
@@ -230,6 +239,7 @@ def test_grouped_backward_takes_segment_wgrad_with_the_librarys_gradients(monkey
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
 
 
+@needs_amx
 def test_segment_wgrad_bad_inputs_are_named():
     a, b = torch.randn(10, 32), torch.randn(10, 48)
     with pytest.raises(ValueError, match="counts sum to 9, a and b have 10 rows"):
@@ -240,3 +250,19 @@ def test_segment_wgrad_bad_inputs_are_named():
         native.f32_segment_wgrad(a, b[:, :40], [10])
     with pytest.raises(RuntimeError, match=r"a \(S, M\) and b \(S, N\), float32"):
         native.f32_segment_wgrad(a.bfloat16(), b, [10])
+
+
+@pytest.mark.skipif("native.amx()", reason="the avx2 build's size limit")
+def test_avx2_build_leaves_many_slots_per_expert_to_the_library():
+    # from F32_AVX2_MAX_SLOTS_PER_EXPERT slots per expert on average the library's products of an expert's rows are as
+    # fast: inference and training's forward take the segment path there, with the same outputs to fp32's error
+    limit = G.F32_AVX2_MAX_SLOTS_PER_EXPERT
+    x, w1, w2, w3, experts, weights = make(limit * 2, 32, 48, 4, 2, seed=9)  # limit slots per expert on average
+    with unittest.mock.patch.object(native, "f32_moe", wraps=native.f32_moe) as op, \
+            unittest.mock.patch.object(native, "f32_moe_keep", wraps=native.f32_moe_keep) as keep:
+        with torch.no_grad():
+            y = G.grouped_moe(x, w1, w2, w3, experts, weights)
+            G.grouped_moe(x[:-1], w1, w2, w3, experts[:-1], weights[:-1])  # just under the limit: the op
+        G.grouped_moe(x.clone().requires_grad_(), w1, w2, w3, experts, weights).sum().backward()
+        assert op.call_count == 1 and keep.call_count == 0
+    assert (y - native.f32_moe(x, w1, w2, w3, experts, weights)).abs().max() <= 1e-6 * y.abs().max()

@@ -1,0 +1,374 @@
+// The fp32 MoE experts of many token-slots on AVX2 FMA, which smoe.kernels.native builds into its library for the "avx2"
+// instruction set (x86-64 CPUs without AVX-512; measured on a Zen 3): two of f32_moe.cpp's ops (the "amx" build's, for
+// 16-lane AVX-512), with the same arguments and results:
+//
+//   smoe_native::f32_moe(x (N, D), w1 (E, H, D), w2 (E, D, H), w3 (E, H, D), experts (N, K), weights (N, K)) -> (N, D)
+//   smoe_native::f32_moe_keep(the same) -> (out, a1 (N K, H), a3 (N K, H)), the slots sorted stably by expert
+//
+// (f32_segment_wgrad's panels at 8 lanes took 1.2-1.3x the library's time on 1 thread of a Zen 3: not built here.)
+//
+// The design of f32_moe.cpp at 8 lanes and 16 vector registers: an expert's tokens are the vector lanes, in blocks of
+// up to kBlockTokens gathered transposed (x^T, D x n), and each weight element, read in place, is broadcast to 8
+// tokens per FMA, so no weight is copied or packed (the library packs each expert's weights for its ~128 rows):
+//   up: kUpRows rows each of w1 and w3 against 16 tokens (12 accumulators), silu(a1) * a3 times the router weight
+//       into h^T (a chunk of kHidden hidden units at a time), the next panel's rows fetched into L1 meanwhile;
+//   down: kDownRows rows of w2 against 24 tokens (12 accumulators) into 8 output columns of y^T, transposed and added
+//       into the tokens' rows.
+// A block's lanes past its last token are zeros (at most 7 of them). The threads take whole panels and column groups, or
+// an expert's slots in shares where it has kSplitMinSlots per thread (smoe_moe::split_slots).
+#include <immintrin.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+
+#include "moe_common.h"
+
+#if !defined(__AVX2__) || !defined(__FMA__) || defined(__AVX512F__)
+#error "f32_moe_avx2.cpp is built with the avx2 flags"
+#endif
+
+namespace {
+
+using smoe_moe::Scratch;
+// measured on a Zen 3 (the medium preset's experts, in-process against these values): hidden chunks of 256 or 1024
+// 0.96-1.07x the time, blocks of up to 256 tokens 0.99-1.13x, up panels of 2 rows x 24 tokens 1.00-1.06x
+constexpr int64_t kBlockTokens = 160;  // an expert's slots go in equal blocks of at most this many
+constexpr int64_t kHidden = 512;       // hidden units per chunk
+constexpr int kUpRows = 3;             // rows of w1 and of w3 per up panel
+constexpr int kUpVectors = 2;          // 8-token vectors per up panel
+constexpr int kDownRows = 4;           // rows of w2 per down panel (an 8-column group is two)
+constexpr int kDownVectors = 3;        // 8-token vectors per down panel
+constexpr int64_t kSplitMinSlots = 128;  // f32_moe.cpp's, not tuned here
+
+// exp(x) in fp32 (Cephes' expf polynomial, about 1 ulp), as smoe_simd512::exp16
+inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// silu(a1) * a3 = a1 a3 / (1 + exp(-a1))
+inline __m256 swiglu8(__m256 a1, __m256 a3) {
+    const __m256 d = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), a1)));
+    return _mm256_div_ps(_mm256_mul_ps(a1, a3), d);
+}
+
+// r[i][j] -> r[j][i] for an 8 x 8 fp32 block held in 8 vectors
+inline void transpose8(__m256 r[8]) {
+    __m256 t[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    __m256 s[8];
+    for (int i = 0; i < 8; i += 4) {
+        s[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        s[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+        s[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        s[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+    }
+    for (int i = 0; i < 4; i++) {  // s[i]: in each 128-bit half h, column i of rows 4h'..: combine the halves
+        r[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
+    }
+}
+
+// the first n lanes of 8 (as a maskload's mask)
+inline __m256i lanes(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::min<int64_t>(n, 8))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// sums[i][j][v] = sum over k < K of w[i][j * ldw + k] * bT[k * ldb + 8 v ..] for NW weights' JB rows and V vectors of
+// 8 tokens; the same rows of next[i] (if given) are fetched into L1 a line per 16 k, for the next panel. Not inlined, the
+// sums stored before the caller's epilogue: with SwiGLU's math in the same function, gcc kept the accumulators on the
+// stack and stored every one of them on every k (1.8x the library's time)
+template <int NW, int JB, int V>
+__attribute__((noinline)) void panel(const float* const (&w)[NW], int64_t ldw, int64_t K, const float* bT, int64_t ldb,
+                                     __m256 (&sums)[NW][JB][V], const float* const (&next)[NW]) {
+    // not __m256, which may alias anything: gcc then stored every accumulator to the stack on every k (dead stores, but
+    // 12 of them per 12 FMAs, which held the panel to half its rate)
+    using Sums = float __attribute__((vector_size(32)));
+    Sums acc[NW][JB][V];
+    #pragma GCC unroll 16
+    for (int i = 0; i < NW; i++)
+        #pragma GCC unroll 16
+        for (int j = 0; j < JB; j++)
+            #pragma GCC unroll 16
+            for (int v = 0; v < V; v++) acc[i][j][v] = _mm256_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += 16) {
+        if (next[0] != nullptr)
+            #pragma GCC unroll 16
+            for (int i = 0; i < NW; i++)
+                #pragma GCC unroll 16
+                for (int j = 0; j < JB; j++)
+                    _mm_prefetch(reinterpret_cast<const char*>(next[i] + j * ldw + k0), _MM_HINT_T0);
+        const int64_t k1 = std::min(K, k0 + 16);
+        for (int64_t k = k0; k < k1; k++) {
+            __m256 b[V];
+            #pragma GCC unroll 16
+            for (int v = 0; v < V; v++) b[v] = _mm256_load_ps(bT + k * ldb + 8 * v);
+            #pragma GCC unroll 16
+            for (int j = 0; j < JB; j++)
+                #pragma GCC unroll 16
+                for (int i = 0; i < NW; i++) {
+                    const __m256 a = _mm256_broadcast_ss(w[i] + j * ldw + k);
+                    #pragma GCC unroll 16
+                    for (int v = 0; v < V; v++) acc[i][j][v] = _mm256_fmadd_ps(a, b[v], acc[i][j][v]);
+                }
+        }
+    }
+    #pragma GCC unroll 16
+    for (int i = 0; i < NW; i++)
+        #pragma GCC unroll 16
+        for (int j = 0; j < JB; j++)
+            #pragma GCC unroll 16
+            for (int v = 0; v < V; v++) sums[i][j][v] = acc[i][j][v];
+}
+
+// up for rows [j, j + JB) of this expert against V vectors of tokens: h^T rows = silu(w1 x) * (w3 x) * router weight;
+// with keep, the pre-activations w1 x and w3 x also into a1T and a3T (laid out as h^T)
+template <int JB, int V>
+void up_panel(const float* w1, const float* w3, int64_t D, const float* xT, int64_t ldb, const float* rw, float* hT,
+              float* a1T, float* a3T, const float* n1, const float* n3) {
+    __m256 acc[2][JB][V];
+    panel<2, JB, V>({w1, w3}, D, D, xT, ldb, acc, {n1, n3});
+    for (int v = 0; v < V; v++) {
+        const __m256 r = _mm256_load_ps(rw + 8 * v);
+        for (int j = 0; j < JB; j++) {
+            _mm256_store_ps(hT + j * ldb + 8 * v, _mm256_mul_ps(swiglu8(acc[0][j][v], acc[1][j][v]), r));
+            if (a1T != nullptr) {
+                _mm256_store_ps(a1T + j * ldb + 8 * v, acc[0][j][v]);
+                _mm256_store_ps(a3T + j * ldb + 8 * v, acc[1][j][v]);
+            }
+        }
+    }
+}
+
+template <int JB>
+void up_panel_v(int64_t vectors, const float* w1, const float* w3, int64_t D, const float* xT, int64_t ldb,
+                const float* rw, float* hT, float* a1T, float* a3T, const float* n1, const float* n3) {
+    switch (std::min<int64_t>(vectors, kUpVectors)) {
+        case 1: return up_panel<JB, 1>(w1, w3, D, xT, ldb, rw, hT, a1T, a3T, n1, n3);
+        case 2: return up_panel<JB, std::min(2, kUpVectors)>(w1, w3, D, xT, ldb, rw, hT, a1T, a3T, n1, n3);
+        default: return up_panel<JB, kUpVectors>(w1, w3, D, xT, ldb, rw, hT, a1T, a3T, n1, n3);
+    }
+}
+
+// down for kDownRows rows of w2 (ldw apart, hc long) against V vectors of h^T: y^T rows into y (ldb apart)
+template <int V>
+void down_panel(const float* w2, int64_t ldw, int64_t hc, const float* hT, int64_t ldb, float* y, const float* next) {
+    __m256 acc[1][kDownRows][V];
+    panel<1, kDownRows, V>({w2}, ldw, hc, hT, ldb, acc, {next});
+    for (int j = 0; j < kDownRows; j++)
+        for (int v = 0; v < V; v++) _mm256_store_ps(y + j * ldb + 8 * v, acc[0][j][v]);
+}
+
+void down_panel_v(int64_t vectors, const float* w2, int64_t ldw, int64_t hc, const float* hT, int64_t ldb, float* y,
+                  const float* next) {
+    static_assert(kDownVectors == 3);
+    switch (vectors) {
+        case 1: return down_panel<1>(w2, ldw, hc, hT, ldb, y, next);
+        case 2: return down_panel<2>(w2, ldw, hc, hT, ldb, y, next);
+        default: return down_panel<3>(w2, ldw, hc, hT, ldb, y, next);
+    }
+}
+
+// x^T (D x ldb) of the n tokens' rows, the lanes past n 0
+void gather_transposed(const float* x, int64_t D, const int64_t* token, int64_t n, int64_t ldb, float* xT) {
+    for (int64_t t = 0; t * 8 < ldb; t++) {
+        for (int64_t c = 0; c < D; c += 8) {
+            __m256 r[8];
+            for (int64_t j = 0; j < 8; j++)
+                r[j] = t * 8 + j < n ? _mm256_loadu_ps(x + token[t * 8 + j] * D + c) : _mm256_setzero_ps();
+            transpose8(r);  // r[q]: element c + q of the 8 tokens
+            for (int q = 0; q < 8; q++) _mm256_store_ps(xT + (c + q) * ldb + t * 8, r[q]);
+        }
+    }
+}
+
+// y^T (8 x ldb: output columns d0 .. d0 + 7 of the n tokens) added into their rows of out
+void add_transposed(const float* y, int64_t ldb, int64_t n, const int64_t* token, float* out, int64_t D, int64_t d0) {
+    for (int64_t t = 0; t * 8 < n; t++) {
+        __m256 r[8];
+        for (int i = 0; i < 8; i++) r[i] = _mm256_load_ps(y + i * ldb + t * 8);
+        transpose8(r);  // r[j]: token 8 t + j's 8 outputs
+        for (int64_t j = 0; j < 8 && t * 8 + j < n; j++) {
+            float* o = out + token[t * 8 + j] * D + d0;
+            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), r[j]));
+        }
+    }
+}
+
+// One block of an expert's n tokens (x^T and router weights rw, ldb lanes) and a chunk of its hidden units [h0, h0 + hc)
+struct Block {
+    const float *w1, *w2, *w3, *xT, *rw;
+    float *hT, *a1T, *a3T;  // hc x ldb each; the pre-activations only where kept (else null)
+    int64_t D, H, h0, hc, ldb;
+};
+
+// up: h^T rows of up panels p0 .. p1 (kUpRows hidden units each) of the block's chunk
+void up_rows(const Block& b, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; p++) {
+        const int64_t j = b.h0 + p * kUpRows, rows = std::min<int64_t>(kUpRows, b.h0 + b.hc - j);
+        const bool more = p + 1 < p1;
+        for (int64_t t0 = 0; t0 < b.ldb; t0 += 8 * kUpVectors) {
+            const int64_t vectors = std::min<int64_t>(kUpVectors, (b.ldb - t0) / 8);
+            const float* n1 = more && t0 == 0 ? b.w1 + (j + kUpRows) * b.D : nullptr;
+            const float* n3 = more && t0 == 0 ? b.w3 + (j + kUpRows) * b.D : nullptr;
+            const float *a1 = b.w1 + j * b.D, *a3 = b.w3 + j * b.D, *x = b.xT + t0, *r = b.rw + t0;
+            const int64_t at = (j - b.h0) * b.ldb + t0;
+            float *h = b.hT + at, *k1 = b.a1T ? b.a1T + at : nullptr, *k3 = b.a3T ? b.a3T + at : nullptr;
+            if (rows == kUpRows) up_panel_v<kUpRows>(vectors, a1, a3, b.D, x, b.ldb, r, h, k1, k3, n1, n3);
+            else if (rows == 1) up_panel_v<1>(vectors, a1, a3, b.D, x, b.ldb, r, h, k1, k3, n1, n3);
+            else up_panel_v<2>(vectors, a1, a3, b.D, x, b.ldb, r, h, k1, k3, n1, n3);
+        }
+    }
+}
+
+// down: output columns of 8-column groups g0 .. g1 of the block's chunk, added into the n tokens' rows of out
+void down_columns(const Block& b, int64_t g0, int64_t g1, int64_t n, const int64_t* token, float* out) {
+    Scratch<9, float> y(8 * kBlockTokens);
+    for (int64_t g = g0; g < g1; g++) {
+        for (int64_t r = 0; r < 8; r += kDownRows) {
+            const int64_t d = g * 8 + r;
+            const bool more = d + kDownRows < g1 * 8;
+            for (int64_t t0 = 0; t0 < b.ldb; t0 += 8 * kDownVectors) {
+                const int64_t vectors = std::min<int64_t>(kDownVectors, (b.ldb - t0) / 8);
+                const float* next = more && t0 == 0 ? b.w2 + (d + kDownRows) * b.H + b.h0 : nullptr;
+                down_panel_v(vectors, b.w2 + d * b.H + b.h0, b.H, b.hc, b.hT + t0, b.ldb, y.data + r * b.ldb + t0,
+                             next);
+            }
+        }
+        add_transposed(y.data, b.ldb, n, token, out, b.D, g * 8);
+    }
+}
+
+// the kept pre-activations of hidden units [h0 + 16 g0, h0 + 16 g1) of the block's chunk, from h^T's layout into the n
+// slots' rows of a1 and a3 (H wide), each row's 16 units one 64-byte line stored past the cache where H allows (the
+// backward reads them much later; 32-byte pieces streamed alone cost more than the products)
+void keep_rows(const Block& b, int64_t g0, int64_t g1, int64_t n, float* a1, float* a3) {
+    for (int64_t g = g0; g < g1; g++) {
+        const int64_t units = std::min<int64_t>(16, b.hc - g * 16);
+        const bool whole = units == 16 && b.H % 16 == 0;  // every row's 16 units one aligned line
+        for (int which = 0; which < 2; which++) {
+            const float* src = (which == 0 ? b.a1T : b.a3T) + g * 16 * b.ldb;
+            float* dst = (which == 0 ? a1 : a3) + b.h0 + g * 16;
+            for (int64_t t = 0; t * 8 < n; t++) {
+                __m256 r[2][8];  // r[half][q]: slot 8 t + q's units 8 half ..
+                for (int half = 0; half < 2; half++) {
+                    for (int i = 0; i < 8; i++)
+                        r[half][i] = 8 * half + i < units ? _mm256_load_ps(src + (8 * half + i) * b.ldb + t * 8)
+                                                          : _mm256_setzero_ps();
+                    transpose8(r[half]);
+                }
+                for (int64_t q = 0; q < 8 && t * 8 + q < n; q++) {
+                    float* row = dst + (t * 8 + q) * b.H;
+                    if (whole) {
+                        _mm256_stream_ps(row, r[0][q]);
+                        _mm256_stream_ps(row + 8, r[1][q]);
+                    } else {
+                        _mm256_maskstore_ps(row, lanes(units), r[0][q]);
+                        if (units > 8) _mm256_maskstore_ps(row + 8, lanes(units - 8), r[1][q]);
+                    }
+                }
+            }
+        }
+    }
+    _mm_sfence();
+}
+
+// out, and where a1 and a3 are given (N K x H each), the pre-activations in sorted slot order
+at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3,
+               const at::Tensor& experts, const at::Tensor& weights, float* a1, float* a3) {
+    smoe_moe::check_args("smoe_native::f32_moe", x, w1, w2, w3, experts, weights, at::kFloat);
+    const int64_t N = x.size(0), D = x.size(1), E = w1.size(0), H = w1.size(1), K = experts.size(1);
+    TORCH_CHECK(D % 16 == 0, "smoe_native::f32_moe: dim must be a multiple of 16, got ", D);
+    auto xc = x.contiguous();
+    auto w1c = w1.contiguous(), w2c = w2.contiguous(), w3c = w3.contiguous();
+    auto ec = experts.to(at::kLong).contiguous();
+    auto wc = weights.to(at::kFloat).contiguous();
+    const smoe_moe::Slots slots("smoe_native::f32_moe", ec.const_data_ptr<int64_t>(), wc.const_data_ptr<float>(), N, K,
+                                E);
+    auto out = at::zeros({N, D}, xc.options());
+    float* o = out.mutable_data_ptr<float>();
+    const float* xp = xc.const_data_ptr<float>();
+    // expert ex's slots [lo, hi) in equal blocks, each through the up and down products on the intra-op threads (on
+    // the calling thread alone where called in a parallel region)
+    auto run = [&](int64_t ex, int64_t lo, int64_t hi) {
+        Scratch<6, float> xT(D * kBlockTokens);
+        Scratch<7, float> hT(std::min(H, kHidden) * kBlockTokens);
+        Scratch<8, float> rw(kBlockTokens);
+        Scratch<10, float> a1T(a1 != nullptr ? std::min(H, kHidden) * kBlockTokens : 0);
+        Scratch<11, float> a3T(a1 != nullptr ? std::min(H, kHidden) * kBlockTokens : 0);
+        const int64_t blocks = (hi - lo + kBlockTokens - 1) / kBlockTokens;
+        for (int64_t q = 0; q < blocks; q++) {
+            const int64_t b0 = lo + (hi - lo) * q / blocks, n = lo + (hi - lo) * (q + 1) / blocks - b0;
+            const int64_t ldb = (n + 7) / 8 * 8;
+            const int64_t* token = slots.token.data() + b0;
+            gather_transposed(xp, D, token, n, ldb, xT.data);
+            std::copy(slots.weight.data() + b0, slots.weight.data() + b0 + n, rw.data);
+            std::fill(rw.data + n, rw.data + ldb, 0.f);
+            for (int64_t h0 = 0; h0 < H; h0 += kHidden) {
+                const Block b{w1c.const_data_ptr<float>() + ex * H * D, w2c.const_data_ptr<float>() + ex * D * H,
+                              w3c.const_data_ptr<float>() + ex * H * D, xT.data, rw.data, hT.data,
+                              a1 != nullptr ? a1T.data : nullptr, a1 != nullptr ? a3T.data : nullptr, D, H, h0,
+                              std::min(kHidden, H - h0), ldb};
+                at::parallel_for(0, (b.hc + kUpRows - 1) / kUpRows, 8,
+                                 [&](int64_t p0, int64_t p1) { up_rows(b, p0, p1); });
+                if (a1 != nullptr)
+                    at::parallel_for(0, (b.hc + 15) / 16, 4, [&](int64_t g0, int64_t g1) {
+                        keep_rows(b, g0, g1, n, a1 + b0 * H, a3 + b0 * H);
+                    });
+                at::parallel_for(0, D / 8, 1, [&](int64_t g0, int64_t g1) { down_columns(b, g0, g1, n, token, o); });
+            }
+        }
+    };
+    for (int64_t ex = 0; ex < E; ex++) {
+        const int64_t lo = slots.start[ex], n = slots.start[ex + 1] - lo;
+        if (!smoe_moe::split_slots(lo, n, kSplitMinSlots, 8, [&](int64_t s0, int64_t s1) { run(ex, s0, s1); }))
+            run(ex, lo, lo + n);
+    }
+    return out;
+}
+
+at::Tensor f32_moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3,
+                   const at::Tensor& experts, const at::Tensor& weights) {
+    return moe(x, w1, w2, w3, experts, weights, nullptr, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> f32_moe_keep(const at::Tensor& x, const at::Tensor& w1,
+                                                             const at::Tensor& w2, const at::Tensor& w3,
+                                                             const at::Tensor& experts, const at::Tensor& weights) {
+    return smoe_moe::keeping<float>("smoe_native::f32_moe_keep", moe, x, w1, w2, w3, experts, weights);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(smoe_native, m) {
+    m.def("f32_moe(Tensor x, Tensor w1, Tensor w2, Tensor w3, Tensor experts, Tensor weights) -> Tensor");
+    m.def("f32_moe_keep(Tensor x, Tensor w1, Tensor w2, Tensor w3, Tensor experts, Tensor weights) -> "
+          "(Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(smoe_native, CPU, m) {
+    m.impl("f32_moe", &f32_moe);
+    m.impl("f32_moe_keep", &f32_moe_keep);
+}
