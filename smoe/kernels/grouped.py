@@ -8,7 +8,7 @@ Autograd goes through a hand-written backward (the same segment matmuls, MegaBlo
 keeps only the two S x H pre-activations. fp32 inference on many slots runs expert by expert instead
 (gather, SwiGLU, scatter-add per expert), since its faster library products come in new tensors. Inference
 beyond the smallest sizes takes smoe's fused ops: native.amx_moe (bf16, CPUs with AMX) and native.f32_moe (fp32,
-CPUs with AMX, and AVX2 ones below F32_AVX2_MAX_SLOTS_PER_EXPERT).
+CPUs with AMX; on AVX2 ones for inference below F32_AVX2_MAX_SLOTS_PER_EXPERT).
 
 Under torch.compile (decode only: few tokens) the per-expert loop would break the graph, so fixed-
 shape formulations are used instead: a gather (inductor fuses the indexed weight loads into the
@@ -33,10 +33,11 @@ AMX_MIN_SLOTS_PER_EXPERT = 2
 # expert on average; fewer take the segment path (medium preset's experts, 1 thread of a Xeon with AMX, forward+backward
 # against the segment path: 0.88-0.91x at up to 1 slot per expert, 0.98x at 2-3, 1.04x at 4, 1.11x at 8)
 F32_KEEP_MIN_SLOTS_PER_EXPERT = 4
-# the fused fp32 op's AVX2 build (native.f32_moe's on CPUs without AVX-512) is taken below this many token-slots per
-# expert on average; from there the library's products of an expert's many rows are as fast (the medium preset's
-# experts on a Zen 3, in-process against the library path: inference 0.75-0.88x the time at 128 per expert on 1-2
-# threads, 0.92-1.04x at 256, 0.96-1.01x at 1024; training's forward 0.91-0.95x at 128, 0.98 at 256, 1.07 at 1024)
+# the fused fp32 op's AVX2 build (native.f32_moe's on CPUs without AVX-512) is taken for inference below this many
+# token-slots per expert on average; from there the library's products of an expert's many rows are as fast (the medium
+# preset's experts on a Zen 3, in-process against the library path: 0.75-0.88x the time at 128 per expert on 1-2
+# threads, 0.92-1.04x at 256, 0.96-1.01x at 1024). Training's forward keeps the library there: f32_moe_keep alone took
+# 0.91-0.95x the time at 128 per expert, but the layer's forward+backward with it 0.93-1.12x
 F32_AVX2_MAX_SLOTS_PER_EXPERT = 256
 # token-slots up to which the routing is sorted in Python rather than with tensor ops
 PYTHON_SORT_MAX_SLOTS = 64
@@ -259,7 +260,7 @@ class GroupedMoE(torch.autograd.Function):
             out_ND, a1_SH, a3_SH = native.amx_moe_keep(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK,
                                                        weights_NK.to(x_ND.dtype).float())
         elif (experts_NK.numel() >= F32_KEEP_MIN_SLOTS_PER_EXPERT * w1_EHD.shape[0]
-              and f32_fused_takes(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK)):
+              and f32_fused_takes(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, keep=True)):
             out_ND, a1_SH, a3_SH = native.f32_moe_keep(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
         else:
             out_ND, (a1_SH, a3_SH) = _forward(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segs, keep=True)
@@ -347,11 +348,12 @@ def amx_takes(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3
 
 
 def f32_fused_takes(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
-                    experts_NK: torch.Tensor) -> bool:
-    """Whether fp32 experts run as smoe's fused op (f32_moe, or f32_moe_keep under autograd) where it serves: the
-    AVX-512 build at any size, the AVX2 build below F32_AVX2_MAX_SLOTS_PER_EXPERT slots per expert on average."""
+                    experts_NK: torch.Tensor, keep: bool = False) -> bool:
+    """Whether fp32 experts run as smoe's fused op (f32_moe, or f32_moe_keep for training's forward where keep) where
+    it serves: the AVX-512 build at any size, the AVX2 build for inference below F32_AVX2_MAX_SLOTS_PER_EXPERT slots
+    per expert on average."""
     return native.f32_moe_serves(x_ND, w1_EHD, w2_EDH, w3_EHD) and (
-        native.amx() or experts_NK.numel() < F32_AVX2_MAX_SLOTS_PER_EXPERT * w1_EHD.shape[0])
+        native.amx() or (not keep and experts_NK.numel() < F32_AVX2_MAX_SLOTS_PER_EXPERT * w1_EHD.shape[0]))
 
 
 def grouped_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
