@@ -9,9 +9,8 @@ set: "amx" (AVX-512 with BF16 and AMX tiles: Sapphire Rapids and later), "avx512
 products: Zen 4) or "avx2" (AVX2 and FMA: x86-64 CPUs since 2013-2015). Loaded as torch ops
 (smoe_native::gemv, expert_gemv, moe_gemv, swiglu, swiglu_backward, route, segment_mm, amx_moe, amx_moe_keep,
 amx_segment_wgrad, amx_probe, f32_segment_wgrad; f32_moe and f32_moe_keep in the amx and avx2 builds), which
-torch.compile and AOTInductor call
-like any op. Where the CPU has none of these instruction sets, no compiler works, or SMOE_NATIVE=0, `available()` is
-False (a failed build warns once) and callers keep their torch code.
+torch.compile and AOTInductor call like any op. Where the CPU has none of these instruction sets, no compiler works,
+or SMOE_NATIVE=0, `available()` is False (a failed build warns once) and callers keep their torch code.
 """
 
 from __future__ import annotations

@@ -85,7 +85,8 @@ inline void transpose8(__m256 r[8]) {
         s[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
         s[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
     }
-    for (int i = 0; i < 4; i++) {  // s[i]: in each 128-bit half h, column i of rows 4h'..: combine the halves
+    // s[i] (i < 4): column i of rows 0-3 in its low half and column i + 4 in its high half; s[i + 4]: rows 4-7
+    for (int i = 0; i < 4; i++) {
         r[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20);
         r[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
     }
@@ -97,14 +98,14 @@ inline __m256i lanes(int64_t n) {
 }
 
 // sums[i][j][v] = sum over k < K of w[i][j * ldw + k] * bT[k * ldb + 8 v ..] for NW weights' JB rows and V vectors of
-// 8 tokens; the same rows of next[i] (if given) are fetched into L1 a line per 16 k, for the next panel. Not inlined, the
-// sums stored before the caller's epilogue: with SwiGLU's math in the same function, gcc kept the accumulators on the
-// stack and stored every one of them on every k (1.8x the library's time)
+// 8 tokens; the same rows of next[i] (if given) are fetched into L1 a line per 16 k, for the next panel. The sums are
+// stored once, for the caller's epilogue
 template <int NW, int JB, int V>
 __attribute__((noinline)) void panel(const float* const (&w)[NW], int64_t ldw, int64_t K, const float* bT, int64_t ldb,
                                      __m256 (&sums)[NW][JB][V], const float* const (&next)[NW]) {
-    // not __m256, which may alias anything: gcc then stored every accumulator to the stack on every k (dead stores, but
-    // 12 of them per 12 FMAs, which held the panel to half its rate)
+    // accumulators of a plain vector type (not __m256, which may alias anything) and every loop over them unrolled by
+    // pragma: otherwise gcc 12 kept them in a stack array and stored each one after every FMA (dead stores, but 12 per
+    // 12 FMAs at one 32-byte store a cycle: 1.8x the library's time)
     using Sums = float __attribute__((vector_size(32)));
     Sums acc[NW][JB][V];
     #pragma GCC unroll 16
@@ -165,11 +166,9 @@ void up_panel(const float* w1, const float* w3, int64_t D, const float* xT, int6
 template <int JB>
 void up_panel_v(int64_t vectors, const float* w1, const float* w3, int64_t D, const float* xT, int64_t ldb,
                 const float* rw, float* hT, float* a1T, float* a3T, const float* n1, const float* n3) {
-    switch (std::min<int64_t>(vectors, kUpVectors)) {
-        case 1: return up_panel<JB, 1>(w1, w3, D, xT, ldb, rw, hT, a1T, a3T, n1, n3);
-        case 2: return up_panel<JB, std::min(2, kUpVectors)>(w1, w3, D, xT, ldb, rw, hT, a1T, a3T, n1, n3);
-        default: return up_panel<JB, kUpVectors>(w1, w3, D, xT, ldb, rw, hT, a1T, a3T, n1, n3);
-    }
+    static_assert(kUpVectors == 2);
+    if (vectors == 1) return up_panel<JB, 1>(w1, w3, D, xT, ldb, rw, hT, a1T, a3T, n1, n3);
+    return up_panel<JB, 2>(w1, w3, D, xT, ldb, rw, hT, a1T, a3T, n1, n3);
 }
 
 // down for kDownRows rows of w2 (ldw apart, hc long) against V vectors of h^T: y^T rows into y (ldb apart)
