@@ -29,6 +29,7 @@
 #include <tuple>
 
 #include "moe_common.h"
+#include "simd256.h"
 
 #if !defined(__AVX2__) || !defined(__FMA__) || defined(__AVX512F__)
 #error "f32_moe_avx2.cpp is built with the avx2 flags"
@@ -37,6 +38,7 @@
 namespace {
 
 using smoe_moe::Scratch;
+using namespace smoe_simd256;
 // measured on a Zen 3 (the medium preset's experts, in-process against these values): hidden chunks of 256 or 1024
 // 0.96-1.07x the time, blocks of up to 256 tokens 0.99-1.13x, up panels of 2 rows x 24 tokens 1.00-1.06x
 constexpr int64_t kBlockTokens = 160;  // an expert's slots go in equal blocks of at most this many
@@ -46,30 +48,6 @@ constexpr int kUpVectors = 2;          // 8-token vectors per up panel
 constexpr int kDownRows = 4;           // rows of w2 per down panel (an 8-column group is two)
 constexpr int kDownVectors = 3;        // 8-token vectors per down panel
 constexpr int64_t kSplitMinSlots = 128;  // f32_moe.cpp's, not tuned here
-
-// exp(x) in fp32 (Cephes' expf polynomial, about 1 ulp), as smoe_simd512::exp16
-inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-// silu(a1) * a3 = a1 a3 / (1 + exp(-a1))
-inline __m256 swiglu8(__m256 a1, __m256 a3) {
-    const __m256 d = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), a1)));
-    return _mm256_div_ps(_mm256_mul_ps(a1, a3), d);
-}
 
 // r[i][j] -> r[j][i] for an 8 x 8 fp32 block held in 8 vectors
 inline void transpose8(__m256 r[8]) {
@@ -90,11 +68,6 @@ inline void transpose8(__m256 r[8]) {
         r[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20);
         r[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
     }
-}
-
-// the first n lanes of 8 (as a maskload's mask)
-inline __m256i lanes(int64_t n) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::min<int64_t>(n, 8))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
 // sums[i][j][v] = sum over k < K of w[i][j * ldw + k] * bT[k * ldb + 8 v ..] for NW weights' JB rows and V vectors of

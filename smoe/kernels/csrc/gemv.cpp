@@ -34,6 +34,8 @@
 #include <vector>
 
 #include "elementwise.h"
+#include "simd256.h"
+#include "simd512.h"
 
 namespace {
 
@@ -369,14 +371,22 @@ at::Tensor expert_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     return y;
 }
 
-// out[j] = silu(a1[j]) a3[j] w, in out's dtype (one vectorized body, out of line as in swiglu.cpp)
+// out[j] = silu(a1[j]) a3[j] w, in out's dtype (by hand in the build's lanes: simd512.h, simd256.h)
 template <typename T>
-__attribute__((noinline)) void weighted_swiglu(const float* a1, const float* a3, float w, T* out, int64_t n) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; j++) {
-        const float x = a1[j];
-        smoe_elementwise::store(out, j, x * smoe_elementwise::sigmoid(x) * a3[j] * w);
+void weighted_swiglu(const float* a1, const float* a3, float w, T* out, int64_t n) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    using namespace smoe_simd512;
+    const __m512 wv = _mm512_set1_ps(w);
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = lanes(n - j);
+        store16(out + j, _mm512_mul_ps(swiglu16(load16(a1 + j, m), load16(a3 + j, m)), wv), m);
     }
+#else
+    using namespace smoe_simd256;
+    const __m256 wv = _mm256_set1_ps(w);
+    for (int64_t j = 0; j < n; j += 8)
+        store8(out + j, _mm256_mul_ps(swiglu8(load8(a1 + j, n - j), load8(a3 + j, n - j)), wv), n - j);
+#endif
 }
 
 // out[n] = sum_k y[n, k] (D wide), summed in fp32 and rounded once to out's dtype

@@ -1,5 +1,5 @@
 // The fp32 math of SwiGLU in 16 AVX-512 lanes, shared by smoe's kernels built for AVX-512 with BF16 (the "avx512" and
-// "amx" builds: swiglu.cpp, amx_moe.cpp); elementwise.h keeps the portable form the AVX2 build vectorizes. By hand,
+// "amx" builds: swiglu.cpp, gemv.cpp, amx_moe.cpp); simd256.h has it in 8 lanes for the AVX2 build. By hand,
 // because gcc vectorizes neither of two things these use: a bf16 rounded by vcvtneps2bf16 (one instruction, round to
 // nearest even as torch; the portable form takes eight) and a reciprocal without vdivps (10-16 cycles a vector).
 #pragma once
