@@ -39,6 +39,13 @@ F32_KEEP_MIN_SLOTS_PER_EXPERT = 4
 # threads, 0.92-1.04x at 256, 0.96-1.01x at 1024). Training's forward keeps the library there: f32_moe_keep alone took
 # 0.91-0.95x the time at 128 per expert, but the layer's forward+backward with it 0.93-1.12x
 F32_AVX2_MAX_SLOTS_PER_EXPERT = 256
+# fp32 forward products of at least this many rows per expert on average go through native.segment_mm (experts spread
+# over the threads) rather than a library product per expert spread over them, whose paths for few rows (native.gemv up
+# to native.max_rows) are faster below it: the medium preset's experts on a Zen 3, the op's time against theirs for
+# w1's and w2's products, at 8 per expert 1.3-1.6x and 1.0-1.1x, at 12 1.15x and 0.86-0.95x, at 16 1.0 and 0.85 on 1
+# thread, 0.99 and 0.75 on 2; at 32 1.0 and 0.98 on 1, 0.80 and 0.77 on 2; at 128 1.0 and 0.99 on 1, 0.91 on 2; at 1024
+# 0.99-1.01
+SEGMENT_OP_MIN_SLOTS_PER_EXPERT = 16
 # token-slots up to which the routing is sorted in Python rather than with tensor ops
 PYTHON_SORT_MAX_SLOTS = 64
 # fp32 inference on the CPU with at least this many token-slots runs expert by expert (gather, SwiGLU,
@@ -95,8 +102,14 @@ class _Converted:
 
 def segment_mm(x_SI: torch.Tensor, w_EOI: torch.Tensor, segs: list[tuple[int, int, int]],
                out_SO: torch.Tensor | None = None) -> torch.Tensor:
-    """Each run of rows of x_SI times its expert's weight transposed, written into one [S, O] buffer.
-    Runs that smoe.kernels.linear computes as fp32 (bf16_as_fp32) share one fp32 copy of x and of a weight."""
+    """Each run of rows of x_SI times its expert's weight transposed, in one [S, O] buffer (out_SO, if given, may be
+    it). Runs that smoe.kernels.linear computes as fp32 (bf16_as_fp32) share one fp32 copy of x and of a weight.
+
+    fp32 from SEGMENT_OP_MIN_SLOTS_PER_EXPERT rows per expert on average runs as smoe's op (native.segment_mm: the
+    same library products, the experts spread over the threads) where it serves."""
+    if (x_SI.dtype == w_EOI.dtype == torch.float32 and x_SI.shape[0] >= SEGMENT_OP_MIN_SLOTS_PER_EXPERT * w_EOI.shape[0]
+            and native.segment_mm_serves([x_SI], [w_EOI])):
+        return native.segment_mm([x_SI], [w_EOI.transpose(1, 2)], counts_of(segs, w_EOI.shape[0]))
     if out_SO is None:
         out_SO = x_SI.new_empty(x_SI.shape[0], w_EOI.shape[1])
     x32 = w32 = None
@@ -163,6 +176,12 @@ def segment_wgrad(a_SO: torch.Tensor, b_SI: torch.Tensor, segs: list[tuple[int, 
     # writes go through the cache; 1.04-1.06x on 2 threads)
     if (dtype or a_SO.dtype) == torch.float32 and native.f32_wgrad_serves(a_SO, b_SI):
         return native.f32_segment_wgrad(a_SO, b_SI, counts_of(segs, n_experts))
+    # other fp32: the library's products, the experts spread over the threads (native.segment_wgrad), where it serves.
+    # The medium preset's layer on a Zen 3, each gradient against a product per expert spread over the threads:
+    # 0.90-0.97x the time at 512 tokens on 2 threads (0.92-0.96 with 3/4 of the tokens on two experts), 0.95-0.98 at
+    # 4096 on 1 and 2, 0.83-0.98 at 16-64 on 2, 0.98-1.01 at 64-512 on 1
+    if (dtype or a_SO.dtype) == a_SO.dtype == torch.float32 and native.segment_mm_serves([a_SO], [b_SI]):
+        return native.segment_wgrad(a_SO, b_SI, counts_of(segs, n_experts))
     out_EOI = a_SO.new_empty(n_experts, a_SO.shape[1], b_SI.shape[1], dtype=dtype or a_SO.dtype)
     buf = None if out_EOI.dtype == a_SO.dtype else a_SO.new_empty(out_EOI.shape[1:])
     # oneDNN's bf16 product takes a transposed left side slowly: where a is the narrower side (w2's gradient,
@@ -237,7 +256,7 @@ def _forward(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segs, keep: bool):
     weight_after = w2_EDH.shape[1] < w2_EDH.shape[2]  # D < H, as in every Mixtral
     if not weight_after:
         h_SH.mul_(w_S[:, None])
-    y_SD = segment_mm(h_SH, w2_EDH, segs, out_SO=x_SD)  # x_SD is no longer needed: reuse its rows
+    y_SD = segment_mm(h_SH, w2_EDH, segs, out_SO=x_SD)  # x_SD is no longer needed: its rows may take y
     if weight_after:
         y_SD.mul_(w_S[:, None])
     if x_ND.shape[0] == 1:  # a single token: its K rows are all of y

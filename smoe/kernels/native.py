@@ -7,10 +7,10 @@ Built on first use with the C++ compiler torch.compile already needs (about 15 s
 version and instruction set, kept beside the AOT steps in $SMOE_CACHE/native), for the CPU's instruction
 set: "amx" (AVX-512 with BF16 and AMX tiles: Sapphire Rapids and later), "avx512" (AVX-512 with BF16 dot
 products: Zen 4) or "avx2" (AVX2 and FMA: x86-64 CPUs since 2013-2015). Loaded as torch ops
-(smoe_native::gemv, expert_gemv, moe_gemv, swiglu, swiglu_backward, route, segment_mm, amx_moe, amx_moe_keep,
-amx_segment_wgrad, amx_probe, f32_segment_wgrad; f32_moe and f32_moe_keep in the amx and avx2 builds), which
-torch.compile and AOTInductor call like any op. Where the CPU has none of these instruction sets, no compiler works,
-or SMOE_NATIVE=0, `available()` is False (a failed build warns once) and callers keep their torch code.
+(smoe_native::gemv, expert_gemv, moe_gemv, swiglu, swiglu_backward, route, segment_mm, segment_wgrad, amx_moe,
+amx_moe_keep, amx_segment_wgrad, amx_probe, f32_segment_wgrad; f32_moe and f32_moe_keep in the amx and avx2 builds),
+which torch.compile and AOTInductor call like any op. Where the CPU has none of these instruction sets, no compiler
+works, or SMOE_NATIVE=0, `available()` is False (a failed build warns once) and callers keep their torch code.
 """
 
 from __future__ import annotations
@@ -308,8 +308,8 @@ def swiglu_backward(dh_SH: torch.Tensor, a1_SH: torch.Tensor, a3_SH: torch.Tenso
 
 
 def segment_mm_serves(xs: list[torch.Tensor], ws: list[torch.Tensor]) -> bool:
-    """Whether the experts-over-threads segment product (csrc/segment.cpp) takes these: CPU tensors of one dtype,
-    outside torch.compile, where the kernels load."""
+    """Whether the experts-over-threads segment products (csrc/segment.cpp: segment_mm, segment_wgrad) take these: CPU
+    tensors of one dtype, outside torch.compile, where the kernels load."""
     return (not torch.compiler.is_compiling() and _loaded()
             and all(t.device.type == "cpu" and t.dtype == xs[0].dtype for t in (*xs, *ws)))
 
@@ -318,6 +318,12 @@ def segment_mm(xs_SI: list[torch.Tensor], ws_EIO: list[torch.Tensor], counts: li
     """(S, O): over each expert's run of counts[e] rows, the sum over i of xs[i][run] @ ws[i][e], one library product
     per expert and pair, the experts (or pieces of a large one) spread over the threads."""
     return torch.ops.smoe_native.segment_mm(xs_SI, ws_EIO, counts)
+
+
+def segment_wgrad(a_SO: torch.Tensor, b_SI: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """(E, O, I) float32: out[e] = a[run].T @ b[run] over expert e's run of counts[e] rows (zero where empty), one
+    library product per expert (or band of its O rows) on one thread, the experts spread over the threads."""
+    return torch.ops.smoe_native.segment_wgrad(a_SO, b_SI, counts)
 
 
 def route_serves(x_ND: torch.Tensor, gate_ED: torch.Tensor) -> bool:

@@ -361,22 +361,66 @@ def test_segment_mm_names_bad_inputs():
 
 
 @needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("counts", [[5, 0, 37, 64, 1], [0, 107, 0], [33, 40, 0, 31], [0, 0]])
+@pytest.mark.parametrize("O,I", [(48, 40), (56, 72)])
+def test_segment_wgrad_is_each_experts_product(threads, counts, O, I):
+    # per expert's run of rows a.T @ b against float64, zero for an empty expert (and for all of them with no rows); one
+    # expert with all rows goes in bands of its O rows across the threads; widths no band of 16 divides
+    g = torch.Generator().manual_seed(sum(counts) + O)
+    S, E = sum(counts), len(counts)
+    a, b = torch.randn(S, O, generator=g), torch.randn(S, I, generator=g)
+    with num_threads(threads):
+        got = native.segment_wgrad(a, b, counts)
+    assert got.shape == (E, O, I) and got.dtype == torch.float32
+    lo = 0
+    for e, c in enumerate(counts):
+        exact = a[lo:lo + c].double().t() @ b[lo:lo + c].double()
+        mass = a[lo:lo + c].double().abs().t() @ b[lo:lo + c].double().abs()
+        assert ((got[e].double() - exact).abs() <= F32 * exact.abs() + c * F32 * mass + 1e-30).all(), e
+        lo += c
+
+
+@needs_native
+def test_segment_wgrad_names_bad_inputs():
+    a, b = torch.randn(10, 32), torch.randn(10, 16)
+    with pytest.raises(ValueError, match="counts sum to 9"):
+        native.segment_wgrad(a, b, [4, 5])
+    with pytest.raises(ValueError, match="negative count -1"):
+        native.segment_wgrad(a, b, [11, -1])
+    with pytest.raises(RuntimeError, match="a \\(S, M\\) and b \\(S, N\\), float32"):
+        native.segment_wgrad(a, b[:9], [4, 6])
+    with pytest.raises(RuntimeError, match="float32"):
+        native.segment_wgrad(a.bfloat16(), b.bfloat16(), [4, 6])
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_grouped_backward_takes_segment_mm_and_gives_the_loops_gradients(dtype, monkeypatch):
-    # dL/dh and dL/dx through the op equal those of the per-expert loop it replaces (where the kernels do not load).
-    # On a CPU without bf16 products (BF16_AS_FP32) a bf16 backward runs in fp32 against bf16 weights, which the op (one
-    # dtype) does not take: the loop converts them an expert at a time
+    # dL/dh and dL/dx through the op equal those of the per-expert loop it replaces (where the kernels do not load),
+    # and so do the fp32 forward's products (from SEGMENT_OP_MIN_SLOTS_PER_EXPERT rows per expert) and weight
+    # gradients (segment_wgrad, where smoe's AMX kernel does not take them). On a CPU without bf16 products
+    # (BF16_AS_FP32) a bf16 backward runs in fp32 against bf16 weights, which the ops (one dtype) do not take: the loop
+    # converts them an expert at a time
     from smoe.kernels import grouped as G
     from smoe.kernels.linear import compute_dtype
     from tests.kernels.test_kernel_backends import make, run_with_grads
     args = make(70, 32, 64, 6, 2, seed=8, dtype=dtype)
-    with unittest.mock.patch.object(native, "segment_mm", wraps=native.segment_mm) as op:
+    assert 70 * 2 >= G.SEGMENT_OP_MIN_SLOTS_PER_EXPERT * 6
+    with (unittest.mock.patch.object(native, "segment_mm", wraps=native.segment_mm) as op,
+          unittest.mock.patch.object(native, "segment_wgrad", wraps=native.segment_wgrad) as wgrad_op):
         y0, g0 = run_with_grads(G.grouped_moe, *args)
-    assert op.call_count == (2 if compute_dtype(args[0]) == dtype else 0)  # dL/dh, dL/dx
+    fp32_forward = dtype == torch.float32 and not G.f32_fused_takes(*args[:4], args[4], keep=True)
+    assert op.call_count == (2 if compute_dtype(args[0]) == dtype else 0) + (3 if fp32_forward else 0)
+    fp32_wgrad = compute_dtype(args[0]) == dtype == torch.float32 and not native.f32_wgrad_serves(args[0], args[0])
+    assert wgrad_op.call_count == (3 if fp32_wgrad else 0)
     monkeypatch.setattr(native, "segment_mm_serves", lambda xs, ws: False)
     y1, g1 = run_with_grads(G.grouped_moe, *args)
-    assert torch.equal(y0, y1)
     tol = 1e-5 if dtype == torch.float32 else 2**-7
+    if fp32_forward:  # the library's products of other shapes: not the same bits
+        assert (y0 - y1).abs().max() <= tol * y1.abs().max()
+    else:
+        assert torch.equal(y0, y1)
     for a, b in zip(g0, g1):
         assert (a.double() - b.double()).abs().max() <= tol * b.double().abs().max() + 1e-6
 

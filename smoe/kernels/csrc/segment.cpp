@@ -9,6 +9,11 @@
 // 2 threads than on 1), two experts side by side take half the time. An expert with more than an even share of the
 // rows goes in pieces, so skewed routings still keep every thread busy. Each out row is written by one product (no sums
 // across threads).
+//
+// smoe_native::segment_wgrad(a (S, O), b (S, I), counts (E,)) -> (E, O, I): out[e] = a[run].T @ b[run] over expert e's
+//     run of rows, zero for an empty expert: a stacked weight's gradient (w1, w3: a = dL/da, b = x; w2: a = dL/dy,
+//     b = w h). The same way: one library product per expert on one thread, or per band of an expert's O rows where it
+//     has more than an even share of the work (each band's rows are written by one product). float32.
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
@@ -74,8 +79,53 @@ at::Tensor segment_mm(at::TensorList a, at::TensorList w, at::IntArrayRef counts
     return out;
 }
 
+struct Band {
+    int64_t expert, lo, rows, o0, o1;
+};
+
+at::Tensor segment_wgrad(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef counts) {
+    smoe_moe::check_segment_args("smoe_native::segment_wgrad", a, b, counts, at::kFloat);
+    const int64_t E = int64_t(counts.size()), S = a.size(0), O = a.size(1), I = b.size(1);
+    auto out = at::empty({E, O, I}, a.options());
+    if (S == 0) return out.zero_();
+    // bands of at most an even share of the work (rows x O), at least 16 of O's rows, spread over the threads by work
+    const int64_t T = std::min<int64_t>(at::get_num_threads(), (S + 31) / 32);
+    const int64_t share = std::max<int64_t>(1, (S * O + T - 1) / T);
+    std::vector<Band> bands;
+    std::vector<int64_t> work;
+    for (int64_t e = 0, lo = 0; e < E; lo += counts[e], e++) {
+        if (counts[e] == 0) {
+            out[e].zero_();
+            continue;
+        }
+        const int64_t n = std::clamp<int64_t>((counts[e] * O + share - 1) / share, 1, std::max<int64_t>(1, O / 16));
+        for (int64_t p = 0; p < n; p++) {
+            const int64_t o0 = p == 0 ? 0 : O * p / n / 16 * 16, o1 = p == n - 1 ? O : O * (p + 1) / n / 16 * 16;
+            bands.push_back({e, lo, counts[e], o0, o1});
+            work.push_back(counts[e] * (o1 - o0));
+        }
+    }
+    const auto plan = smoe_spread::spread(work, T);
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        for (int64_t t = t0; t < t1; t++)
+            for (const int64_t k : plan.items[t]) {
+                const Band& p = bands[k];
+                auto o = out[p.expert].narrow(0, p.o0, p.o1 - p.o0);
+                at::mm_out(o, a.narrow(0, p.lo, p.rows).narrow(1, p.o0, p.o1 - p.o0).t(), b.narrow(0, p.lo, p.rows));
+            }
+    });
+    return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(smoe_native, m) { m.def("segment_mm(Tensor[] a, Tensor[] w, int[] counts) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(smoe_native, m) {
+    m.def("segment_mm(Tensor[] a, Tensor[] w, int[] counts) -> Tensor");
+    m.def("segment_wgrad(Tensor a, Tensor b, int[] counts) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(smoe_native, CPU, m) { m.impl("segment_mm", &segment_mm); }
+TORCH_LIBRARY_IMPL(smoe_native, CPU, m) {
+    m.impl("segment_mm", &segment_mm);
+    m.impl("segment_wgrad", &segment_wgrad);
+}
