@@ -5,7 +5,8 @@ active expert multiplies its contiguous run of rows (written in place into one S
 concatenation), and the router-weighted outputs go back with one scatter-add. Empty experts cost
 nothing and no expert weight is ever copied, so a decode step reads only the chosen experts' weights.
 Autograd goes through a hand-written backward (the same segment matmuls, MegaBlocks-style) that
-keeps only the two S x H pre-activations. fp32 inference on many slots runs expert by expert instead
+keeps only the two S x H pre-activations. fp32 products of many rows go through smoe's op that spreads the experts
+over the threads (native.segment_mm), and where it does not load, fp32 inference on many slots runs expert by expert
 (gather, SwiGLU, scatter-add per expert), since its faster library products come in new tensors. Inference
 beyond the smallest sizes takes smoe's fused ops: native.amx_moe (bf16, CPUs with AMX) and native.f32_moe (fp32,
 CPUs with AMX; on AVX2 ones for inference below F32_AVX2_MAX_SLOTS_PER_EXPERT).
@@ -48,9 +49,11 @@ F32_AVX2_MAX_SLOTS_PER_EXPERT = 256
 SEGMENT_OP_MIN_SLOTS_PER_EXPERT = 16
 # token-slots up to which the routing is sorted in Python rather than with tensor ops
 PYTHON_SORT_MAX_SLOTS = 64
-# fp32 inference on the CPU with at least this many token-slots runs expert by expert (gather, SwiGLU,
-# scatter-add each): oneDNN's products cannot be written into a shared buffer, and copying them there cost
-# 10% at 4096 tokens (bf16, whose products go straight into the buffer, measured 4% slower per expert)
+# fp32 inference on the CPU with at least this many token-slots, where native.segment_mm does not take its products
+# (segment_op_takes), runs expert by expert (gather, SwiGLU, scatter-add each): oneDNN's products cannot be written into
+# a shared buffer, and copying them there cost 10% at 4096 tokens (bf16, whose products go straight into the buffer,
+# measured 4% slower per expert). The op writes them there: the medium preset's experts on a Zen 3 at 1024-4096 tokens,
+# 0.91-0.96x the time of expert by expert on 2 threads, 0.97-1.00x on 1
 PER_EXPERT_MIN_SLOTS = 256
 
 
@@ -100,15 +103,21 @@ class _Converted:
         return self.w_EOI[e] if self.buf is None else self.buf.copy_(self.w_EOI[e])
 
 
+def segment_op_takes(rows: int, x: torch.Tensor, w_EOI: torch.Tensor) -> bool:
+    """Whether segment_mm of rows rows of x's kind runs as native.segment_mm: fp32 from SEGMENT_OP_MIN_SLOTS_PER_EXPERT
+    rows per expert on average, where the op serves."""
+    return (x.dtype == w_EOI.dtype == torch.float32 and rows >= SEGMENT_OP_MIN_SLOTS_PER_EXPERT * w_EOI.shape[0]
+            and native.segment_mm_serves([x], [w_EOI]))
+
+
 def segment_mm(x_SI: torch.Tensor, w_EOI: torch.Tensor, segs: list[tuple[int, int, int]],
                out_SO: torch.Tensor | None = None) -> torch.Tensor:
     """Each run of rows of x_SI times its expert's weight transposed, in one [S, O] buffer (out_SO, if given, may be
     it). Runs that smoe.kernels.linear computes as fp32 (bf16_as_fp32) share one fp32 copy of x and of a weight.
 
-    fp32 from SEGMENT_OP_MIN_SLOTS_PER_EXPERT rows per expert on average runs as smoe's op (native.segment_mm: the
-    same library products, the experts spread over the threads) where it serves."""
-    if (x_SI.dtype == w_EOI.dtype == torch.float32 and x_SI.shape[0] >= SEGMENT_OP_MIN_SLOTS_PER_EXPERT * w_EOI.shape[0]
-            and native.segment_mm_serves([x_SI], [w_EOI])):
+    Where segment_op_takes, smoe's op (native.segment_mm: the same library products, the experts spread over the
+    threads)."""
+    if segment_op_takes(x_SI.shape[0], x_SI, w_EOI):
         return native.segment_mm([x_SI], [w_EOI.transpose(1, 2)], counts_of(segs, w_EOI.shape[0]))
     if out_SO is None:
         out_SO = x_SI.new_empty(x_SI.shape[0], w_EOI.shape[1])
@@ -246,7 +255,8 @@ def _forward_per_expert(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segs):
 
 def _forward(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segs, keep: bool):
     """The expert compute on sorted slots; returns out_ND and, if keep, (a1_SH, a3_SH) for backward."""
-    if not keep and token_S.shape[0] >= PER_EXPERT_MIN_SLOTS and x_ND.dtype == torch.float32 and x_ND.is_cpu:
+    if (not keep and token_S.shape[0] >= PER_EXPERT_MIN_SLOTS and x_ND.dtype == torch.float32 and x_ND.is_cpu
+            and not segment_op_takes(token_S.shape[0], x_ND, w1_EHD)):
         return _forward_per_expert(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segs), None
     x_SD = x_ND.index_select(0, token_S)
     a1_SH = segment_mm(x_SD, w1_EHD, segs)

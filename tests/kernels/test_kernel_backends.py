@@ -4,6 +4,8 @@ the compile-friendly gather formulation, and bad expert ids."""
 
 from __future__ import annotations
 
+import unittest.mock
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -59,15 +61,23 @@ def test_every_top_k_on_both_sorts(N, K):
     assert_same_as_naive(make(N, 12, 20, 6, K, seed=N + K))
 
 
+@pytest.mark.parametrize("segment_op", [True, False])
 @pytest.mark.parametrize("N, K, H, pool", [(1, 2, 20, None), (40, 2, 20, None), (200, 2, 20, 3), (300, 4, 4200, None)])
-def test_inference_paths_equal_naive(N, K, H, pool):
-    # no autograd: the shared-buffer forward below PER_EXPERT_MIN_SLOTS slots, expert by expert from it
-    # (with empty experts when pool < E), and oneDNN's products for the 4200 x 64 weights
+def test_inference_paths_equal_naive(N, K, H, pool, segment_op, monkeypatch):
+    # no autograd, smoe's fused fp32 op off (test_f32_moe.py has it): the shared-buffer forward below
+    # PER_EXPERT_MIN_SLOTS slots; from it native.segment_mm's products into the buffer, or expert by expert where the op
+    # does not serve (with empty experts when pool < E); oneDNN's products for the 4200 x 64 weights
+    monkeypatch.setattr(G, "f32_fused_takes", lambda *args, **kwargs: False)
+    if not segment_op:
+        monkeypatch.setattr(G.native, "segment_mm_serves", lambda xs, ws: False)
     x, w1, w2, w3, experts, weights = make(N, 64, H, 6, K, seed=N, pool=pool)
-    with torch.no_grad():
+    watch = unittest.mock.patch.object(G, "_forward_per_expert", wraps=G._forward_per_expert)
+    with torch.no_grad(), watch as per_expert:
         ref = naive_moe(x, w1, w2, w3, experts, weights)
         out = G.grouped_moe(x, w1, w2, w3, experts, weights)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    many = N * K >= G.PER_EXPERT_MIN_SLOTS and N * K > G.native.max_rows(x.dtype) * 6
+    assert per_expert.called == (many and not G.segment_op_takes(N * K, x, w1))
 
 
 def test_one_expert_takes_every_token_and_the_rest_are_empty():
