@@ -35,6 +35,18 @@ struct Piece {
     int64_t expert, lo, rows;
 };
 
+// run(k) for every work item k, the items spread over T threads by their costs (smoe_spread::spread)
+template <typename Run>
+void run_spread(const std::vector<int64_t>& cost, int64_t T, const Run& run) {
+    const auto plan = smoe_spread::spread(cost, T);
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+        // a thread of the pool keeps its own dispatch state: these plain tensors need no autograd
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        for (int64_t t = t0; t < t1; t++)
+            for (const int64_t k : plan.items[t]) run(k);
+    });
+}
+
 at::Tensor segment_mm(at::TensorList a, at::TensorList w, at::IntArrayRef counts) {
     TORCH_CHECK(!a.empty() && a.size() == w.size(), "smoe_native::segment_mm: as many a as w (at least one), got ",
                 a.size(), " and ", w.size());
@@ -64,17 +76,11 @@ at::Tensor segment_mm(at::TensorList a, at::TensorList w, at::IntArrayRef counts
             rows.push_back(r1 - r0);
         }
     }
-    const auto plan = smoe_spread::spread(rows, T);
-    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-        // a thread of the pool keeps its own dispatch state: these plain tensors need no autograd
-        at::AutoDispatchBelowADInplaceOrView below_autograd;
-        for (int64_t t = t0; t < t1; t++)
-            for (const int64_t k : plan.items[t]) {
-                const Piece& p = pieces[k];
-                auto o = out.narrow(0, p.lo, p.rows);
-                at::mm_out(o, a[0].narrow(0, p.lo, p.rows), w[0][p.expert]);
-                for (size_t i = 1; i < a.size(); i++) o.addmm_(a[i].narrow(0, p.lo, p.rows), w[i][p.expert]);
-            }
+    run_spread(rows, T, [&](int64_t k) {
+        const Piece& p = pieces[k];
+        auto o = out.narrow(0, p.lo, p.rows);
+        at::mm_out(o, a[0].narrow(0, p.lo, p.rows), w[0][p.expert]);
+        for (size_t i = 1; i < a.size(); i++) o.addmm_(a[i].narrow(0, p.lo, p.rows), w[i][p.expert]);
     });
     return out;
 }
@@ -105,15 +111,10 @@ at::Tensor segment_wgrad(const at::Tensor& a, const at::Tensor& b, at::IntArrayR
             work.push_back(counts[e] * (o1 - o0));
         }
     }
-    const auto plan = smoe_spread::spread(work, T);
-    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-        at::AutoDispatchBelowADInplaceOrView below_autograd;
-        for (int64_t t = t0; t < t1; t++)
-            for (const int64_t k : plan.items[t]) {
-                const Band& p = bands[k];
-                auto o = out[p.expert].narrow(0, p.o0, p.o1 - p.o0);
-                at::mm_out(o, a.narrow(0, p.lo, p.rows).narrow(1, p.o0, p.o1 - p.o0).t(), b.narrow(0, p.lo, p.rows));
-            }
+    run_spread(work, T, [&](int64_t k) {
+        const Band& p = bands[k];
+        auto o = out[p.expert].narrow(0, p.o0, p.o1 - p.o0);
+        at::mm_out(o, a.narrow(0, p.lo, p.rows).narrow(1, p.o0, p.o1 - p.o0).t(), b.narrow(0, p.lo, p.rows));
     });
     return out;
 }
