@@ -38,7 +38,9 @@ F32_KEEP_MIN_SLOTS_PER_EXPERT = 4
 # token-slots per expert on average; from there the library's products of an expert's many rows are as fast (the medium
 # preset's experts on a Zen 3, in-process against the library path: 0.75-0.88x the time at 128 per expert on 1-2
 # threads, 0.92-1.04x at 256, 0.96-1.01x at 1024). Training's forward keeps the library there: f32_moe_keep alone took
-# 0.91-0.95x the time at 128 per expert, but the layer's forward+backward with it 0.93-1.12x
+# 0.91-0.95x the time at 128 per expert, but the layer's forward+backward with it 0.93-1.12x. Measured again once the
+# library path's SwiGLU was vectorized and its products spread the experts over the threads: at 128 per expert it took
+# 0.97-1.00x the op's time, at 32 1.11-1.30x
 F32_AVX2_MAX_SLOTS_PER_EXPERT = 256
 # fp32 forward products of at least this many rows per expert on average go through native.segment_mm (experts spread
 # over the threads) rather than a library product per expert spread over them, whose paths for few rows (native.gemv up
