@@ -105,11 +105,14 @@ class _Converted:
         return self.w_EOI[e] if self.buf is None else self.buf.copy_(self.w_EOI[e])
 
 
-def segment_op_takes(rows: int, x: torch.Tensor, w_EOI: torch.Tensor) -> bool:
-    """Whether segment_mm of rows rows of x's kind runs as native.segment_mm: fp32 from SEGMENT_OP_MIN_SLOTS_PER_EXPERT
-    rows per expert on average, where the op serves."""
-    return (x.dtype == w_EOI.dtype == torch.float32 and rows >= SEGMENT_OP_MIN_SLOTS_PER_EXPERT * w_EOI.shape[0]
-            and native.segment_mm_serves([x], [w_EOI]))
+def segment_op_takes(rows: int, x: torch.Tensor, w_EOI: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether segment_mm of rows rows of x, multiplied in dtype (default x's), runs as native.segment_mm: float32
+    products (of float32 or bfloat16 weights) from SEGMENT_OP_MIN_SLOTS_PER_EXPERT rows per expert on average, where the
+    op serves."""
+    dtype = dtype or x.dtype
+    return (dtype == torch.float32 and w_EOI.dtype in (torch.float32, torch.bfloat16)
+            and rows >= SEGMENT_OP_MIN_SLOTS_PER_EXPERT * w_EOI.shape[0]
+            and native.segment_mm_serves([x if x.dtype == dtype else x.new_empty(0, dtype=dtype)], [w_EOI]))
 
 
 def segment_mm(x_SI: torch.Tensor, w_EOI: torch.Tensor, segs: list[tuple[int, int, int]],
@@ -118,7 +121,7 @@ def segment_mm(x_SI: torch.Tensor, w_EOI: torch.Tensor, segs: list[tuple[int, in
     it). Runs that smoe.kernels.linear computes as fp32 (bf16_as_fp32) share one fp32 copy of x and of a weight.
 
     Where segment_op_takes, smoe's op (native.segment_mm: the same library products, the experts spread over the
-    threads)."""
+    threads; fp32 x with bf16 weights converted an expert at a time)."""
     if segment_op_takes(x_SI.shape[0], x_SI, w_EOI):
         return native.segment_mm([x_SI], [w_EOI.transpose(1, 2)], counts_of(segs, w_EOI.shape[0]))
     if out_SO is None:
@@ -150,7 +153,8 @@ def segment_mm_t(xs_SI: list[torch.Tensor], ws_EIO: list[torch.Tensor], segs: li
 
     smoe's op (native.segment_mm) where it serves: the same library products, the experts spread over the threads
     (the medium preset's experts, bf16 on 2 threads of a Xeon with AMX: dL/dx 1.26-1.29x faster at 512 tokens,
-    1.63-2.01x at 4096; dL/dh 1.13-1.22x and 1.00-1.12x; fp32 1.00-1.09x; 1 thread alike)."""
+    1.63-2.01x at 4096; dL/dh 1.13-1.22x and 1.00-1.12x; fp32 1.00-1.09x; 1 thread alike), fp32 xs with bf16
+    weights too (bf16 training on a CPU without bf16 products), each expert's converted on its thread."""
     if native.segment_mm_serves(xs_SI, ws_EIO):
         return native.segment_mm(xs_SI, ws_EIO, counts_of(segs, ws_EIO[0].shape[0]))
     out_SO = xs_SI[0].new_empty(xs_SI[0].shape[0], ws_EIO[0].shape[2])
@@ -191,8 +195,10 @@ def segment_wgrad(a_SO: torch.Tensor, b_SI: torch.Tensor, segs: list[tuple[int, 
     # The medium preset's layer on a Zen 3, each gradient against a product per expert spread over the threads:
     # 0.90-0.97x the time at 512 tokens on 2 threads (0.92-0.96 with 3/4 of the tokens on two experts), 0.95-0.98 at
     # 4096 on 1 and 2, 0.83-0.98 at 16-64 on 2, 0.98-1.01 at 64-512 on 1
-    if (dtype or a_SO.dtype) == a_SO.dtype == torch.float32 and native.segment_mm_serves([a_SO], [b_SI]):
-        return native.segment_wgrad(a_SO, b_SI, counts_of(segs, n_experts))
+    # fp32 sums rounded to bf16 weights' gradients too (bf16 training on a CPU without bf16 products)
+    if ((dtype or a_SO.dtype) in (torch.float32, torch.bfloat16) and a_SO.dtype == torch.float32
+            and native.segment_mm_serves([a_SO], [b_SI])):
+        return native.segment_wgrad(a_SO, b_SI, counts_of(segs, n_experts), dtype or a_SO.dtype)
     out_EOI = a_SO.new_empty(n_experts, a_SO.shape[1], b_SI.shape[1], dtype=dtype or a_SO.dtype)
     buf = None if out_EOI.dtype == a_SO.dtype else a_SO.new_empty(out_EOI.shape[1:])
     # oneDNN's bf16 product takes a transposed left side slowly: where a is the narrower side (w2's gradient,
@@ -257,10 +263,21 @@ def _forward_per_expert(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segs):
 
 def _forward(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segs, keep: bool):
     """The expert compute on sorted slots; returns out_ND and, if keep, (a1_SH, a3_SH) for backward."""
-    if (not keep and token_S.shape[0] >= PER_EXPERT_MIN_SLOTS and x_ND.dtype == torch.float32 and x_ND.is_cpu
-            and not segment_op_takes(token_S.shape[0], x_ND, w1_EHD)):
+    S = token_S.shape[0]
+    # bf16 on a CPU without bf16 products, where native.segment_mm takes the products: everything in fp32 (the weights
+    # converted an expert at a time on the thread that multiplies them), the output rounded once to bf16; the kept
+    # pre-activations stay fp32, which the backward computes in. Before, each expert's product ran on all threads and
+    # was rounded into a bf16 buffer. The medium preset's layer on a Zen 3, in-process A/B, the time with it / before:
+    # forward 0.96-0.97 at 512 tokens on 1 thread, 0.69-0.88 on 2; 0.99 and 0.87-0.91 at 4096; forward+backward (with
+    # the backward's ops below taking bf16 weights too) 0.95-0.98 at 128-512 tokens on 1 thread, 0.71-0.90 on 2
+    ct = compute_dtype(x_ND)
+    if ct != x_ND.dtype and not segment_op_takes(S, x_ND, w1_EHD, ct):
+        ct = x_ND.dtype
+    if (not keep and S >= PER_EXPERT_MIN_SLOTS and x_ND.dtype == torch.float32 and x_ND.is_cpu
+            and not segment_op_takes(S, x_ND, w1_EHD)):
         return _forward_per_expert(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segs), None
-    x_SD = x_ND.index_select(0, token_S)
+    x_SD = x_ND.index_select(0, token_S).to(ct)
+    w_S = w_S.to(ct)
     a1_SH = segment_mm(x_SD, w1_EHD, segs)
     a3_SH = segment_mm(x_SD, w3_EHD, segs)
     h_SH = swiglu(a1_SH, a3_SH, out_SH=None if keep else a1_SH)
@@ -274,8 +291,8 @@ def _forward(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segs, keep: bool):
     if x_ND.shape[0] == 1:  # a single token: its K rows are all of y
         out_ND = y_SD.sum(0, keepdim=True)
     else:
-        out_ND = torch.zeros_like(x_ND).index_add_(0, token_S, y_SD)
-    return out_ND, ((a1_SH, a3_SH) if keep else None)
+        out_ND = y_SD.new_zeros(x_ND.shape).index_add_(0, token_S, y_SD)
+    return out_ND.to(x_ND.dtype), ((a1_SH, a3_SH) if keep else None)
 
 
 class GroupedMoE(torch.autograd.Function):

@@ -309,21 +309,28 @@ def swiglu_backward(dh_SH: torch.Tensor, a1_SH: torch.Tensor, a3_SH: torch.Tenso
 
 def segment_mm_serves(xs: list[torch.Tensor], ws: list[torch.Tensor]) -> bool:
     """Whether the experts-over-threads segment products (csrc/segment.cpp: segment_mm, segment_wgrad) take these: CPU
-    tensors of one dtype, outside torch.compile, where the kernels load."""
+    tensors of one dtype (or float32 xs with bfloat16 ws, converted an expert at a time), outside torch.compile, where
+    the kernels load."""
+    dt = xs[0].dtype
     return (not torch.compiler.is_compiling() and _loaded()
-            and all(t.device.type == "cpu" and t.dtype == xs[0].dtype for t in (*xs, *ws)))
+            and all(t.device.type == "cpu" and t.dtype == dt for t in xs)
+            and all(w.device.type == "cpu" and (w.dtype == dt or (dt, w.dtype) == (torch.float32, torch.bfloat16))
+                    for w in ws))
 
 
 def segment_mm(xs_SI: list[torch.Tensor], ws_EIO: list[torch.Tensor], counts: list[int]) -> torch.Tensor:
-    """(S, O): over each expert's run of counts[e] rows, the sum over i of xs[i][run] @ ws[i][e], one library product
-    per expert and pair, the experts (or pieces of a large one) spread over the threads."""
+    """(S, O) in xs' dtype: over each expert's run of counts[e] rows, the sum over i of xs[i][run] @ ws[i][e], one
+    library product per expert and pair, the experts (or pieces of a large one) spread over the threads. Float32 xs
+    take bfloat16 ws too: each expert's weight is converted to float32 on the thread that multiplies it."""
     return torch.ops.smoe_native.segment_mm(xs_SI, ws_EIO, counts)
 
 
-def segment_wgrad(a_SO: torch.Tensor, b_SI: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """(E, O, I) float32: out[e] = a[run].T @ b[run] over expert e's run of counts[e] rows (zero where empty), one
-    library product per expert (or band of its O rows) on one thread, the experts spread over the threads."""
-    return torch.ops.smoe_native.segment_wgrad(a_SO, b_SI, counts)
+def segment_wgrad(a_SO: torch.Tensor, b_SI: torch.Tensor, counts: list[int],
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(E, O, I) in dtype (float32 or bfloat16, summed in float32 and rounded once) from float32 a and b: out[e] =
+    a[run].T @ b[run] over expert e's run of counts[e] rows (zero where empty), one library product per expert (or
+    band of its O rows) on one thread, the experts spread over the threads."""
+    return torch.ops.smoe_native.segment_wgrad(a_SO, b_SI, counts, dtype)
 
 
 def route_serves(x_ND: torch.Tensor, gate_ED: torch.Tensor) -> bool:

@@ -315,18 +315,23 @@ def test_grouped_training_with_and_without_the_swiglu_kernels(dtype, monkeypatch
 
 
 @needs_native
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16,) * 2, (torch.float32,) * 2, (torch.float32, torch.bfloat16)],
+                         ids=["bf16", "fp32", "fp32-bf16w"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("counts", [[5, 0, 37, 64, 1], [0, 107, 0], [33, 40, 0, 31]])
 @pytest.mark.parametrize("widths", [[48], [40, 72]])
-def test_segment_mm_is_each_experts_products_summed(dtype, threads, counts, widths):
+def test_segment_mm_is_each_experts_products_summed(dtypes, threads, counts, widths):
     # per expert's run of rows, sum_i a_i @ w_i[e] against float64: each product summed in fp32 and rounded to the
     # output dtype, a second pair added to the rounded first (addmm) and rounded again; empty experts, one expert
-    # with all rows (cut into pieces across the threads), widths no tile divides
+    # with all rows (cut into pieces across the threads), widths no tile divides. fp32 a with bf16 w (the weights
+    # converted per expert), the first weight a transposed view as the forward passes it: the fp32 bound
+    dtype, w_dtype = dtypes
     g = torch.Generator().manual_seed(len(widths) * 100 + sum(counts))
     S, E, N = sum(counts), len(counts), 56
     a = [torch.randn(S, k, generator=g).to(dtype) for k in widths]
-    w = [torch.randn(E, k, N, generator=g).div(k**0.5).to(dtype) for k in widths]
+    w = [torch.randn(E, k, N, generator=g).div(k**0.5).to(w_dtype) for k in widths]
+    if w_dtype != dtype:
+        w[0] = w[0].transpose(1, 2).contiguous().transpose(1, 2)
     with num_threads(threads):
         got = native.segment_mm(a, w, counts)
     assert got.shape == (S, N) and got.dtype == dtype
@@ -355,9 +360,11 @@ def test_segment_mm_names_bad_inputs():
     with pytest.raises(RuntimeError, match="a_i \\(S, K_i\\) and w_i"):
         native.segment_mm([a[:, :24]], [w], [4, 6])
     with pytest.raises(RuntimeError, match="one dtype"):
-        native.segment_mm([a], [w.bfloat16()], [4, 6])
+        native.segment_mm([a.bfloat16()], [w], [4, 6])
     with pytest.raises(RuntimeError, match="as many a as w"):
         native.segment_mm([a, a], [w], [4, 6])
+    with pytest.raises(RuntimeError, match="dense slices"):  # a bf16 weight to convert: every other row of one
+        native.segment_mm([a[:, :16]], [w.bfloat16()[:, ::2]], [4, 6])
 
 
 @needs_native
@@ -366,13 +373,16 @@ def test_segment_mm_names_bad_inputs():
 @pytest.mark.parametrize("O,I", [(48, 40), (56, 72)])
 def test_segment_wgrad_is_each_experts_product(threads, counts, O, I):
     # per expert's run of rows a.T @ b against float64, zero for an empty expert (and for all of them with no rows); one
-    # expert with all rows goes in bands of its O rows across the threads; widths no band of 16 divides
+    # expert with all rows goes in bands of its O rows across the threads; widths no band of 16 divides. Asked for
+    # bf16 (a bf16 weight's gradient), the same fp32 sums rounded once
     g = torch.Generator().manual_seed(sum(counts) + O)
     S, E = sum(counts), len(counts)
     a, b = torch.randn(S, O, generator=g), torch.randn(S, I, generator=g)
     with num_threads(threads):
         got = native.segment_wgrad(a, b, counts)
-    assert got.shape == (E, O, I) and got.dtype == torch.float32
+        got16 = native.segment_wgrad(a, b, counts, torch.bfloat16)
+    assert got.shape == got16.shape == (E, O, I) and got.dtype == torch.float32 and got16.dtype == torch.bfloat16
+    assert torch.equal(got16, got.bfloat16())
     lo = 0
     for e, c in enumerate(counts):
         exact = a[lo:lo + c].double().t() @ b[lo:lo + c].double()
@@ -392,37 +402,49 @@ def test_segment_wgrad_names_bad_inputs():
         native.segment_wgrad(a, b[:9], [4, 6])
     with pytest.raises(RuntimeError, match="float32"):
         native.segment_wgrad(a.bfloat16(), b.bfloat16(), [4, 6])
+    with pytest.raises(RuntimeError, match="out dtype float32 or bfloat16, got Half"):
+        native.segment_wgrad(a, b, [4, 6], torch.float16)
 
 
 @needs_native
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_grouped_backward_takes_segment_mm_and_gives_the_loops_gradients(dtype, monkeypatch):
-    # dL/dh and dL/dx through the op equal those of the per-expert loop it replaces (where the kernels do not load),
-    # and so do the fp32 forward's products (from SEGMENT_OP_MIN_SLOTS_PER_EXPERT rows per expert) and weight
-    # gradients (segment_wgrad, where smoe's AMX kernel does not take them). On a CPU without bf16 products
-    # (BF16_AS_FP32) a bf16 backward runs in fp32 against bf16 weights, which the ops (one dtype) do not take: the loop
-    # converts them an expert at a time
+    # The segment ops against the per-expert loops they replace (where the kernels do not load): dL/dh and dL/dx, the
+    # forward's products where they are fp32 (from SEGMENT_OP_MIN_SLOTS_PER_EXPERT rows per expert) and the weight
+    # gradients (where smoe's AMX kernels do not take them). fp32: the same products, equal to rounding. bf16 on a CPU
+    # without bf16 products (compute_dtype float32): the ops multiply fp32 activations by the bf16 weights, converted
+    # an expert at a time, and the forward stays fp32 up to its output where the loop rounds every product to bf16:
+    # both within bf16's bound of the float64 computation, the op's output at least as close as the loop's
     from smoe.kernels import grouped as G
     from smoe.kernels.linear import compute_dtype
+    from smoe.kernels.naive import naive_moe
     from tests.kernels.test_kernel_backends import make, run_with_grads
     args = make(70, 32, 64, 6, 2, seed=8, dtype=dtype)
     assert 70 * 2 >= G.SEGMENT_OP_MIN_SLOTS_PER_EXPERT * 6
+    fp32_math = compute_dtype(args[0]) == torch.float32
     with (unittest.mock.patch.object(native, "segment_mm", wraps=native.segment_mm) as op,
           unittest.mock.patch.object(native, "segment_wgrad", wraps=native.segment_wgrad) as wgrad_op):
         y0, g0 = run_with_grads(G.grouped_moe, *args)
-    fp32_forward = dtype == torch.float32 and not G.f32_fused_takes(*args[:4], args[4], keep=True)
-    assert op.call_count == (2 if compute_dtype(args[0]) == dtype else 0) + (3 if fp32_forward else 0)
-    fp32_wgrad = compute_dtype(args[0]) == dtype == torch.float32 and not native.f32_wgrad_serves(args[0], args[0])
-    assert wgrad_op.call_count == (3 if fp32_wgrad else 0)
+    forward_op = fp32_math and not G.f32_fused_takes(*args[:4], args[4], keep=True)
+    assert op.call_count == 2 + (3 if forward_op else 0)
+    f32_wgrad_kernel = dtype == torch.float32 and native.f32_wgrad_serves(args[0], args[0])
+    assert wgrad_op.call_count == (3 if fp32_math and not f32_wgrad_kernel else 0)
     monkeypatch.setattr(native, "segment_mm_serves", lambda xs, ws: False)
     y1, g1 = run_with_grads(G.grouped_moe, *args)
-    tol = 1e-5 if dtype == torch.float32 else 2**-7
-    if fp32_forward:  # the library's products of other shapes: not the same bits
-        assert (y0 - y1).abs().max() <= tol * y1.abs().max()
-    else:
+    if not forward_op:
         assert torch.equal(y0, y1)
-    for a, b in zip(g0, g1):
-        assert (a.double() - b.double()).abs().max() <= tol * b.double().abs().max() + 1e-6
+    if dtype == torch.float32:
+        tol = 1e-5
+        assert (y0 - y1).abs().max() <= tol * y1.abs().max()
+        for a, b in zip(g0, g1):
+            assert (a.double() - b.double()).abs().max() <= tol * b.double().abs().max() + 1e-6
+        return
+    y64, g64 = run_with_grads(naive_moe, *(t.double() for t in args[:4]), args[4], args[5].double())
+    err0, err1 = ((y - y64).abs().max() for y in (y0.double(), y1.double()))
+    assert err0 <= err1 + 2**-9 * y64.abs().max() and err1 <= 2**-6 * y64.abs().max()
+    for a, b, ref in zip(g0, g1, g64):
+        for got in (a, b):
+            assert (got.double() - ref).abs().max() <= 2**-6 * ref.abs().max() + 1e-6
 
 
 @needs_native
