@@ -40,7 +40,9 @@ F32_KEEP_MIN_SLOTS_PER_EXPERT = 4
 # threads, 0.92-1.04x at 256, 0.96-1.01x at 1024). Training's forward keeps the library there: f32_moe_keep alone took
 # 0.91-0.95x the time at 128 per expert, but the layer's forward+backward with it 0.93-1.12x. Measured again once the
 # library path's SwiGLU was vectorized and its products spread the experts over the threads: at 128 per expert it took
-# 0.97-1.00x the op's time, at 32 1.11-1.30x
+# 0.97-1.00x the op's time, at 32 1.11-1.30x. Once the op's down kept its operands in L1 and L2 (token panels of h^T,
+# passes of w2): the op 0.89x the library path's time at 128 per expert on 1 thread, 0.86x on 2; at 256 0.98x and
+# 1.06x, at 512 (2 threads) 0.98x, at 1024 (1 thread) 1.11x
 F32_AVX2_MAX_SLOTS_PER_EXPERT = 256
 # fp32 forward products of at least this many rows per expert on average go through native.segment_mm (experts spread
 # over the threads) rather than a library product per expert spread over them, whose paths for few rows (native.gemv up

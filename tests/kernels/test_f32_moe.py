@@ -95,6 +95,25 @@ def test_block_tails_as_rows_against_float64(H, threads):
         assert ((got.double() - exact).abs() <= 64 * 2**-24 * mass).all()
 
 
+# tokens per expert as 8-token vectors 1, 2, 3, 4 (two panels of 2 in the avx2 build's down, not 3 + 1), 4,
+# 7 (3 + 2 + 2), 7, 10, 13 and 1: every token-panel layout of h^T; H 600: hidden chunks of 512 and 88, the first in
+# two passes of the down; D 272: passes of 128 rows of w2 and a remainder, and on 2 threads a split of the rows inside
+# a pass
+PANEL_COUNTS = [8, 9, 24, 25, 32, 49, 56, 73, 104, 7]
+
+
+@pytest.mark.parametrize("D", [64, 272])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_token_panels_and_down_passes_against_float64(D, threads):
+    x, w1, w2, w3, experts, weights = args = routed(PANEL_COUNTS, D, 600, seed=D)
+    with num_threads(threads):
+        y = native.f32_moe(*args)
+        out, _, _ = native.f32_moe_keep(*args)
+    ref = naive_moe(*(t.double() for t in (x, w1, w2, w3)), experts, weights.double())
+    assert (y.double() - ref).abs().max() <= 1e-6 * ref.abs().max()
+    assert torch.equal(out, y)
+
+
 # on 2 threads an expert of 2 x 128 slots or more is split by slots, each thread's share ending on a multiple of 16:
 # 270 = 128 + 142, 300 = 144 + 156, 393 = 192 + 201 (its last 9 slots are rows on 1 thread, in a block of 137, and
 # lanes on 2, in a block of 73); 200 and 40 are split by hidden rows and output columns

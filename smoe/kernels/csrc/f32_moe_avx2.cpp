@@ -8,13 +8,18 @@
 // (f32_segment_wgrad's panels at 8 lanes took 1.2-1.3x the library's time on 1 thread of a Zen 3: not built here.)
 //
 // The design of f32_moe.cpp at 8 lanes and 16 vector registers: an expert's tokens are the vector lanes, in blocks of
-// up to kBlockTokens gathered transposed (x^T, D x n), and each weight element, read in place, is broadcast to 8
+// up to kBlockTokens gathered transposed (x^T, D rows), and each weight element, read in place, is broadcast to 8
 // tokens per FMA, so no weight is copied or packed (the library packs each expert's weights for its ~128 rows):
 //   up: kUpRows rows each of w1 and w3 against 16 tokens (12 accumulators), silu(a1) * a3 times the router weight
 //       into h^T (a chunk of kHidden hidden units at a time), the next panel's rows fetched into L1 meanwhile;
-//   down: kDownRows rows of w2 against 24 tokens (12 accumulators) into 8 output columns of y^T, transposed and added
-//       into the tokens' rows.
-// A block's lanes past its last token are zeros (at most 7 of them). The threads take whole panels and column groups, or
+//   down: kDownRows rows of w2 against 24 tokens (12 accumulators) into y^T (D x the block's tokens), summed over the
+//       chunks, then transposed and added into the tokens' rows once per block.
+// x^T and h^T are stored token panel by token panel (the panel's rows one contiguous stretch), and the down runs in
+// passes (kDownDepth hidden units, kDownBlockRows rows of w2) that keep a panel's stretch of h^T in L1 and the pass's
+// rows of w2 in L2. With both as rows of all the block's tokens (512 bytes apart at 128 tokens, so a panel's rows
+// fell in 8 of L1's 64 sets) every panel streamed its operand from L2, and the down ran at 62-66 GFLOP/s against
+// the library's 83 (the medium preset's experts, 128 tokens each, 1 thread of a Zen 3 whose FMAs peak at 101); now 82.
+// A block's lanes past its last token are zeros (at most 7 of them). The threads take whole panels and row groups, or
 // an expert's slots in shares where it has kSplitMinSlots per thread (smoe_moe::split_slots).
 #include <immintrin.h>
 
@@ -45,9 +50,30 @@ constexpr int64_t kBlockTokens = 160;  // an expert's slots go in equal blocks o
 constexpr int64_t kHidden = 512;       // hidden units per chunk
 constexpr int kUpRows = 3;             // rows of w1 and of w3 per up panel
 constexpr int kUpVectors = 2;          // 8-token vectors per up panel
-constexpr int kDownRows = 4;           // rows of w2 per down panel (an 8-column group is two)
+constexpr int kDownRows = 4;           // rows of w2 per down panel
 constexpr int kDownVectors = 3;        // 8-token vectors per down panel
 constexpr int64_t kSplitMinSlots = 128;  // f32_moe.cpp's, not tuned here
+// measured likewise: passes of 128 or 512 hidden units, or of 64, 256 or 512 rows, 0.99-1.03x the time
+constexpr int64_t kDownDepth = 256;      // hidden units per pass of the down (a token panel's stretch: 24 KB)
+constexpr int64_t kDownBlockRows = 128;  // rows of w2 per pass (128 KB of them)
+
+// A block's 8-token vectors in the down's token panels: kDownVectors each, the last four as two of two where one would
+// be left (a panel of one vector has 4 accumulators, too few to hide the FMA latency). h^T is stored panel by panel,
+// each hc rows of its 8 w lanes (w the panel's vectors)
+struct Panels {
+    int64_t vectors, threes;
+    explicit Panels(int64_t v)
+        : vectors(v), threes(v % kDownVectors == 1 && v > kDownVectors ? v / kDownVectors - 1 : v / kDownVectors) {}
+    int64_t count() const { return threes + (vectors - threes * kDownVectors + 1) / 2; }
+    int64_t start(int64_t p) const { return p <= threes ? p * kDownVectors : threes * kDownVectors + (p - threes) * 2; }
+    int64_t width(int64_t p) const { return p < threes ? kDownVectors : std::min<int64_t>(2, vectors - start(p)); }
+    int64_t of(int64_t u) const {
+        return u < threes * kDownVectors ? u / kDownVectors : threes + (u - threes * kDownVectors) / 2;
+    }
+    // vector u's lanes in row 0 of h^T (hc rows), and its panel's row stride
+    int64_t at(int64_t u, int64_t hc) const { return start(of(u)) * 8 * hc + (u - start(of(u))) * 8; }
+    int64_t stride(int64_t u) const { return 8 * width(of(u)); }
+};
 
 // r[i][j] -> r[j][i] for an 8 x 8 fp32 block held in 8 vectors
 inline void transpose8(__m256 r[8]) {
@@ -120,50 +146,57 @@ __attribute__((noinline)) void panel(const float* const (&w)[NW], int64_t ldw, i
 // up for rows [j, j + JB) of this expert against V vectors of tokens: h^T rows = silu(w1 x) * (w3 x) * router weight;
 // with keep, the pre-activations w1 x and w3 x also into a1T and a3T (laid out as h^T)
 template <int JB, int V>
-void up_panel(const float* w1, const float* w3, int64_t D, const float* xT, int64_t ldb, const float* rw, float* hT,
-              float* a1T, float* a3T, const float* n1, const float* n3) {
+void up_panel(const float* w1, const float* w3, int64_t D, const float* xT, int64_t ldx, const float* rw,
+              float* const* hv, const int64_t* ldh, float* a1T, float* a3T, int64_t lda, const float* n1,
+              const float* n3) {
     __m256 acc[2][JB][V];
-    panel<2, JB, V>({w1, w3}, D, D, xT, ldb, acc, {n1, n3});
+    panel<2, JB, V>({w1, w3}, D, D, xT, ldx, acc, {n1, n3});
     for (int v = 0; v < V; v++) {
         const __m256 r = _mm256_load_ps(rw + 8 * v);
         for (int j = 0; j < JB; j++) {
-            _mm256_store_ps(hT + j * ldb + 8 * v, _mm256_mul_ps(swiglu8(acc[0][j][v], acc[1][j][v]), r));
+            _mm256_store_ps(hv[v] + j * ldh[v], _mm256_mul_ps(swiglu8(acc[0][j][v], acc[1][j][v]), r));
             if (a1T != nullptr) {
-                _mm256_store_ps(a1T + j * ldb + 8 * v, acc[0][j][v]);
-                _mm256_store_ps(a3T + j * ldb + 8 * v, acc[1][j][v]);
+                _mm256_store_ps(a1T + j * lda + 8 * v, acc[0][j][v]);
+                _mm256_store_ps(a3T + j * lda + 8 * v, acc[1][j][v]);
             }
         }
     }
 }
 
 template <int JB>
-void up_panel_v(int64_t vectors, const float* w1, const float* w3, int64_t D, const float* xT, int64_t ldb,
-                const float* rw, float* hT, float* a1T, float* a3T, const float* n1, const float* n3) {
+void up_panel_v(int64_t vectors, const float* w1, const float* w3, int64_t D, const float* xT, int64_t ldx,
+                const float* rw, float* const* hv, const int64_t* ldh, float* a1T, float* a3T, int64_t lda,
+                const float* n1, const float* n3) {
     static_assert(kUpVectors == 2);
-    if (vectors == 1) return up_panel<JB, 1>(w1, w3, D, xT, ldb, rw, hT, a1T, a3T, n1, n3);
-    return up_panel<JB, 2>(w1, w3, D, xT, ldb, rw, hT, a1T, a3T, n1, n3);
+    if (vectors == 1) return up_panel<JB, 1>(w1, w3, D, xT, ldx, rw, hv, ldh, a1T, a3T, lda, n1, n3);
+    return up_panel<JB, 2>(w1, w3, D, xT, ldx, rw, hv, ldh, a1T, a3T, lda, n1, n3);
 }
 
-// down for kDownRows rows of w2 (ldw apart, hc long) against V vectors of h^T: y^T rows into y (ldb apart)
+// down for kDownRows rows of w2 (ldw apart, K long) against a token panel of V vectors (its rows ldh apart): y^T rows
+// stored (first) or added into y (ldy apart)
 template <int V>
-void down_panel(const float* w2, int64_t ldw, int64_t hc, const float* hT, int64_t ldb, float* y, const float* next) {
+void down_panel(const float* w2, int64_t ldw, int64_t K, const float* hT, int64_t ldh, bool first, float* y,
+                int64_t ldy, const float* next) {
     __m256 acc[1][kDownRows][V];
-    panel<1, kDownRows, V>({w2}, ldw, hc, hT, ldb, acc, {next});
+    panel<1, kDownRows, V>({w2}, ldw, K, hT, ldh, acc, {next});
     for (int j = 0; j < kDownRows; j++)
-        for (int v = 0; v < V; v++) _mm256_store_ps(y + j * ldb + 8 * v, acc[0][j][v]);
+        for (int v = 0; v < V; v++) {
+            float* o = y + j * ldy + 8 * v;
+            _mm256_store_ps(o, first ? acc[0][j][v] : _mm256_add_ps(_mm256_load_ps(o), acc[0][j][v]));
+        }
 }
 
-void down_panel_v(int64_t vectors, const float* w2, int64_t ldw, int64_t hc, const float* hT, int64_t ldb, float* y,
-                  const float* next) {
+void down_panel_v(int64_t vectors, const float* w2, int64_t ldw, int64_t K, const float* hT, int64_t ldh, bool first,
+                  float* y, int64_t ldy, const float* next) {
     static_assert(kDownVectors == 3);
     switch (vectors) {
-        case 1: return down_panel<1>(w2, ldw, hc, hT, ldb, y, next);
-        case 2: return down_panel<2>(w2, ldw, hc, hT, ldb, y, next);
-        default: return down_panel<3>(w2, ldw, hc, hT, ldb, y, next);
+        case 1: return down_panel<1>(w2, ldw, K, hT, ldh, first, y, ldy, next);
+        case 2: return down_panel<2>(w2, ldw, K, hT, ldh, first, y, ldy, next);
+        default: return down_panel<3>(w2, ldw, K, hT, ldh, first, y, ldy, next);
     }
 }
 
-// x^T (D x ldb) of the n tokens' rows, the lanes past n 0
+// x^T of the n tokens' rows (ldb lanes, the lanes past n 0), in panels of kUpVectors vectors: each D rows of its lanes
 void gather_transposed(const float* x, int64_t D, const int64_t* token, int64_t n, int64_t ldb, float* xT) {
     for (int64_t t = 0; t * 8 < ldb; t++) {
         for (int64_t c = 0; c < D; c += 8) {
@@ -171,20 +204,25 @@ void gather_transposed(const float* x, int64_t D, const int64_t* token, int64_t 
             for (int64_t j = 0; j < 8; j++)
                 r[j] = t * 8 + j < n ? _mm256_loadu_ps(x + token[t * 8 + j] * D + c) : _mm256_setzero_ps();
             transpose8(r);  // r[q]: element c + q of the 8 tokens
-            for (int q = 0; q < 8; q++) _mm256_store_ps(xT + (c + q) * ldb + t * 8, r[q]);
+            const int64_t u0 = t / kUpVectors * kUpVectors, stride = 8 * std::min<int64_t>(kUpVectors, ldb / 8 - u0);
+            float* at = xT + u0 * 8 * D + (t - u0) * 8;
+            for (int q = 0; q < 8; q++) _mm256_store_ps(at + (c + q) * stride, r[q]);
         }
     }
 }
 
-// y^T (8 x ldb: output columns d0 .. d0 + 7 of the n tokens) added into their rows of out
-void add_transposed(const float* y, int64_t ldb, int64_t n, const int64_t* token, float* out, int64_t D, int64_t d0) {
-    for (int64_t t = 0; t * 8 < n; t++) {
-        __m256 r[8];
-        for (int i = 0; i < 8; i++) r[i] = _mm256_load_ps(y + i * ldb + t * 8);
-        transpose8(r);  // r[j]: token 8 t + j's 8 outputs
-        for (int64_t j = 0; j < 8 && t * 8 + j < n; j++) {
-            float* o = out + token[t * 8 + j] * D + d0;
-            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), r[j]));
+// y^T (D x ldb) of the tokens of 8-token vectors t0 .. t1 added into their rows of out, a row at a time
+void add_transposed(const float* yT, int64_t ldb, int64_t n, int64_t t0, int64_t t1, const int64_t* token, float* out,
+                    int64_t D) {
+    for (int64_t t = t0; t < t1; t++) {
+        for (int64_t d0 = 0; d0 < D; d0 += 8) {
+            __m256 r[8];
+            for (int i = 0; i < 8; i++) r[i] = _mm256_load_ps(yT + (d0 + i) * ldb + t * 8);
+            transpose8(r);  // r[j]: token 8 t + j's 8 outputs
+            for (int64_t j = 0; j < 8 && t * 8 + j < n; j++) {
+                float* o = out + token[t * 8 + j] * D + d0;
+                _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), r[j]));
+            }
         }
     }
 }
@@ -192,12 +230,13 @@ void add_transposed(const float* y, int64_t ldb, int64_t n, const int64_t* token
 // One block of an expert's n tokens (x^T and router weights rw, ldb lanes) and a chunk of its hidden units [h0, h0 + hc)
 struct Block {
     const float *w1, *w2, *w3, *xT, *rw;
-    float *hT, *a1T, *a3T;  // hc x ldb each; the pre-activations only where kept (else null)
+    float *hT, *a1T, *a3T;  // h^T in Panels' layout; the pre-activations (hc x ldb each) only where kept (else null)
     int64_t D, H, h0, hc, ldb;
 };
 
 // up: h^T rows of up panels p0 .. p1 (kUpRows hidden units each) of the block's chunk
 void up_rows(const Block& b, int64_t p0, int64_t p1) {
+    const Panels panels(b.ldb / 8);
     for (int64_t p = p0; p < p1; p++) {
         const int64_t j = b.h0 + p * kUpRows, rows = std::min<int64_t>(kUpRows, b.h0 + b.hc - j);
         const bool more = p + 1 < p1;
@@ -205,31 +244,42 @@ void up_rows(const Block& b, int64_t p0, int64_t p1) {
             const int64_t vectors = std::min<int64_t>(kUpVectors, (b.ldb - t0) / 8);
             const float* n1 = more && t0 == 0 ? b.w1 + (j + kUpRows) * b.D : nullptr;
             const float* n3 = more && t0 == 0 ? b.w3 + (j + kUpRows) * b.D : nullptr;
-            const float *a1 = b.w1 + j * b.D, *a3 = b.w3 + j * b.D, *x = b.xT + t0, *r = b.rw + t0;
+            const float *a1 = b.w1 + j * b.D, *a3 = b.w3 + j * b.D, *x = b.xT + t0 * b.D, *r = b.rw + t0;
             const int64_t at = (j - b.h0) * b.ldb + t0;
-            float *h = b.hT + at, *k1 = b.a1T ? b.a1T + at : nullptr, *k3 = b.a3T ? b.a3T + at : nullptr;
-            if (rows == kUpRows) up_panel_v<kUpRows>(vectors, a1, a3, b.D, x, b.ldb, r, h, k1, k3, n1, n3);
-            else if (rows == 1) up_panel_v<1>(vectors, a1, a3, b.D, x, b.ldb, r, h, k1, k3, n1, n3);
-            else up_panel_v<2>(vectors, a1, a3, b.D, x, b.ldb, r, h, k1, k3, n1, n3);
+            float *k1 = b.a1T ? b.a1T + at : nullptr, *k3 = b.a3T ? b.a3T + at : nullptr;
+            float* h[kUpVectors];
+            int64_t ldh[kUpVectors];
+            for (int64_t v = 0; v < vectors; v++) {
+                const int64_t u = t0 / 8 + v, stride = panels.stride(u);
+                h[v] = b.hT + panels.at(u, b.hc) + (j - b.h0) * stride;
+                ldh[v] = stride;
+            }
+            const int64_t ldx = 8 * vectors;  // x^T's panel of these vectors, D rows
+            if (rows == kUpRows) up_panel_v<kUpRows>(vectors, a1, a3, b.D, x, ldx, r, h, ldh, k1, k3, b.ldb, n1, n3);
+            else if (rows == 1) up_panel_v<1>(vectors, a1, a3, b.D, x, ldx, r, h, ldh, k1, k3, b.ldb, n1, n3);
+            else up_panel_v<2>(vectors, a1, a3, b.D, x, ldx, r, h, ldh, k1, k3, b.ldb, n1, n3);
         }
     }
 }
 
-// down: output columns of 8-column groups g0 .. g1 of the block's chunk, added into the n tokens' rows of out
-void down_columns(const Block& b, int64_t g0, int64_t g1, int64_t n, const int64_t* token, float* out) {
-    Scratch<9, float> y(8 * kBlockTokens);
-    for (int64_t g = g0; g < g1; g++) {
-        for (int64_t r = 0; r < 8; r += kDownRows) {
-            const int64_t d = g * 8 + r;
-            const bool more = d + kDownRows < g1 * 8;
-            for (int64_t t0 = 0; t0 < b.ldb; t0 += 8 * kDownVectors) {
-                const int64_t vectors = std::min<int64_t>(kDownVectors, (b.ldb - t0) / 8);
-                const float* next = more && t0 == 0 ? b.w2 + (d + kDownRows) * b.H + b.h0 : nullptr;
-                down_panel_v(vectors, b.w2 + d * b.H + b.h0, b.H, b.hc, b.hT + t0, b.ldb, y.data + r * b.ldb + t0,
-                             next);
+// down: rows [d0, d1) of the block's y^T (D x ldb) from the chunk's h^T, stored (first) or added. In passes of
+// kDownDepth hidden units and kDownBlockRows rows of w2 (those rows' stretch in L2): each token panel's stretch of h^T
+// (in L1) against the pass's rows of w2, kDownRows at a time
+void down_rows(const Block& b, int64_t d0, int64_t d1, bool first, float* yT) {
+    const Panels panels(b.ldb / 8);
+    for (int64_t k0 = 0; k0 < b.hc; k0 += kDownDepth) {
+        const int64_t K = std::min(kDownDepth, b.hc - k0);
+        for (int64_t m0 = d0; m0 < d1; m0 += kDownBlockRows) {
+            const int64_t m1 = std::min(d1, m0 + kDownBlockRows);
+            for (int64_t p = 0; p < panels.count(); p++) {
+                const int64_t u = panels.start(p), ldh = 8 * panels.width(p);
+                const float* h = b.hT + u * 8 * b.hc + k0 * ldh;
+                for (int64_t d = m0; d < m1; d += kDownRows)
+                    down_panel_v(panels.width(p), b.w2 + d * b.H + b.h0 + k0, b.H, K, h, ldh, first && k0 == 0,
+                                 yT + d * b.ldb + u * 8, b.ldb,
+                                 p == 0 && d + kDownRows < m1 ? b.w2 + (d + kDownRows) * b.H + b.h0 + k0 : nullptr);
             }
         }
-        add_transposed(y.data, b.ldb, n, token, out, b.D, g * 8);
     }
 }
 
@@ -287,6 +337,7 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, 
     auto run = [&](int64_t ex, int64_t lo, int64_t hi) {
         Scratch<6, float> xT(D * kBlockTokens);
         Scratch<7, float> hT(std::min(H, kHidden) * kBlockTokens);
+        Scratch<12, float> yT(D * kBlockTokens);
         Scratch<8, float> rw(kBlockTokens);
         Scratch<10, float> a1T(a1 != nullptr ? std::min(H, kHidden) * kBlockTokens : 0);
         Scratch<11, float> a3T(a1 != nullptr ? std::min(H, kHidden) * kBlockTokens : 0);
@@ -309,8 +360,12 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, 
                     at::parallel_for(0, (b.hc + 15) / 16, 4, [&](int64_t g0, int64_t g1) {
                         keep_rows(b, g0, g1, n, a1 + b0 * H, a3 + b0 * H);
                     });
-                at::parallel_for(0, D / 8, 1, [&](int64_t g0, int64_t g1) { down_columns(b, g0, g1, n, token, o); });
+                at::parallel_for(0, D / kDownRows, 1, [&](int64_t g0, int64_t g1) {
+                    down_rows(b, g0 * kDownRows, g1 * kDownRows, h0 == 0, yT.data);
+                });
             }
+            at::parallel_for(0, ldb / 8, 1,
+                             [&](int64_t t0, int64_t t1) { add_transposed(yT.data, ldb, n, t0, t1, token, o, D); });
         }
     };
     for (int64_t ex = 0; ex < E; ex++) {
