@@ -51,6 +51,11 @@ F32_AVX2_MAX_SLOTS_PER_EXPERT = 256
 # thread, 0.99 and 0.75 on 2; at 32 1.0 and 0.98 on 1, 0.80 and 0.77 on 2; at 128 1.0 and 0.99 on 1, 0.91 on 2; at 1024
 # 0.99-1.01
 SEGMENT_OP_MIN_SLOTS_PER_EXPERT = 16
+# where the fused fp32 op takes the experts (f32_fused_takes), native_moe takes inference of at most this many
+# token-slots per expert on average (or native.max_rows, if fewer): bf16 on a Zen 3 (the op computing it in fp32), the
+# medium preset's experts, the op's time against native_moe's (whose bf16 range there is 64 rows) on 1 / 2 threads:
+# 1.41x / 1.44x at 8 per expert, 0.98x / 1.12x at 16, 0.79x / 0.99x at 32, 0.68x / 0.83x at 64
+NATIVE_MOE_MAX_SLOTS_FUSED = 16
 # token-slots up to which the routing is sorted in Python rather than with tensor ops
 PYTHON_SORT_MAX_SLOTS = 64
 # fp32 inference on the CPU with at least this many token-slots, where native.segment_mm does not take its products
@@ -399,11 +404,21 @@ def amx_takes(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3
 
 def f32_fused_takes(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
                     experts_NK: torch.Tensor, keep: bool = False) -> bool:
-    """Whether fp32 experts run as smoe's fused op (f32_moe, or f32_moe_keep for training's forward where keep) where
-    it serves: the AVX-512 build at any size, the AVX2 build for inference below F32_AVX2_MAX_SLOTS_PER_EXPERT slots
-    per expert on average."""
+    """Whether experts computed in fp32 (fp32 ones, and bf16 ones where BF16_AS_FP32) run as smoe's fused op (f32_moe,
+    or f32_moe_keep for training's forward where keep) where it serves: the AVX-512 build at any size, the AVX2 build
+    for inference below F32_AVX2_MAX_SLOTS_PER_EXPERT slots per expert on average."""
+    if compute_dtype(x_ND) != x_ND.dtype:  # the op's fp32 x, not made before it is taken
+        x_ND = x_ND.new_empty((0, x_ND.shape[-1]), dtype=compute_dtype(x_ND))
     return native.f32_moe_serves(x_ND, w1_EHD, w2_EDH, w3_EHD) and (
         native.amx() or (not keep and experts_NK.numel() < F32_AVX2_MAX_SLOTS_PER_EXPERT * w1_EHD.shape[0]))
+
+
+def native_moe_max_slots(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
+                         experts_NK: torch.Tensor) -> int:
+    """Token-slots per expert on average up to which inference runs as native_moe: native.max_rows, at most
+    NATIVE_MOE_MAX_SLOTS_FUSED where the fused fp32 op takes the experts (f32_fused_takes)."""
+    rows = native.max_rows(x_ND.dtype)
+    return min(rows, NATIVE_MOE_MAX_SLOTS_FUSED) if f32_fused_takes(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK) else rows
 
 
 def grouped_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
@@ -420,13 +435,14 @@ def grouped_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, 
     # bf16 inference on a CPU with AMX from AMX_MIN_SLOTS_PER_EXPERT slots per expert: the fused AMX op
     if not grad and amx_takes(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK):
         return native.amx_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK.float())
-    if (not grad and experts_NK.numel() <= native.max_rows(x_ND.dtype) * w1_EHD.shape[0]
-            and native.serves(x_ND, w1_EHD)):
+    if (not grad and experts_NK.numel() <= native_moe_max_slots(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK)
+            * w1_EHD.shape[0] and native.serves(x_ND, w1_EHD)):
         return native_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)  # eager or compiled
     # fp32 inference on more slots: the fused fp32 op where f32_fused_takes (the medium preset's experts, 1 thread of a
     # Xeon with AMX, against the library's per-expert products: 1.9x faster at 64 tokens, 1.6x at 128, 1.2x at 512)
     if not grad and f32_fused_takes(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK):
-        return native.f32_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
+        ct = compute_dtype(x_ND)  # bf16 where BF16_AS_FP32: x converted, fp32 products of bf16 weights, rounded once
+        return native.f32_moe(x_ND.to(ct), w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK).to(x_ND.dtype)
     if torch.compiler.is_compiling() and experts_NK.numel() <= COMPILED_GATHER_MAX_SLOTS:
         # fixed-shape formulations (no host sync, no graph break): per-slot gathers while the slots are
         # fewer than the experts, else every expert once

@@ -244,17 +244,20 @@ def amx_probe_ns(products: int = 1 << 16) -> float:
 
 
 def f32_moe_serves(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor) -> bool:
-    """Whether smoe's fused fp32 MoE (csrc/f32_moe.cpp, `f32_moe`) takes these tensors: float32 on the CPU, dim a
-    multiple of 16, outside torch.compile, where the "amx" or "avx2" build loaded (the caller checks grad)."""
-    return (x_ND.dtype == w1_EHD.dtype == w2_EDH.dtype == w3_EHD.dtype == torch.float32 and x_ND.device.type == "cpu"
+    """Whether smoe's fused fp32 MoE (csrc/f32_moe.cpp, `f32_moe`) takes these tensors: float32 x and weights (the
+    "avx2" build: or bfloat16 weights) on the CPU, dim a multiple of 16, outside torch.compile, where the "amx" or
+    "avx2" build loaded (the caller checks grad)."""
+    return (x_ND.dtype == torch.float32 and w1_EHD.dtype == w2_EDH.dtype == w3_EHD.dtype
+            and w1_EHD.dtype in (torch.float32, torch.bfloat16) and x_ND.device.type == "cpu"
             and w1_EHD.device.type == "cpu" and x_ND.shape[-1] % 16 == 0 and not torch.compiler.is_compiling()
-            and f32_fused())
+            and f32_fused() and (w1_EHD.dtype == torch.float32 or _state["isa"] == "avx2"))
 
 
 def f32_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
             experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
-    """The fp32 MoE experts (N, D) in one op: each expert's tokens as vector lanes, its weights read in place, the
-    gather, SwiGLU, router weight and scatter-add fused into the two products (dim a multiple of 16; inference)."""
+    """The fp32 MoE experts (N, D) in one op: each expert's tokens as vector lanes, its weights read in place (bf16
+    ones, in the "avx2" build, converted a panel at a time), the gather, SwiGLU, router weight and scatter-add fused
+    into the two products (dim a multiple of 16; inference)."""
     return torch.ops.smoe_native.f32_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
 
 

@@ -114,6 +114,43 @@ def test_token_panels_and_down_passes_against_float64(D, threads):
     assert torch.equal(out, y)
 
 
+needs_avx2_build = pytest.mark.skipif("native.amx()", reason="the avx2 build's bf16 weights")
+
+
+@needs_avx2_build
+@pytest.mark.parametrize("D,H", [(64, 601), (272, 96)])  # 601: a chunk of 512 and one of 89 (a pass's tail of 1)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_weights_give_the_products_of_their_fp32_values(D, H, threads):
+    # each panel's bf16 rows are converted exactly to fp32 before its products: the same sums as fp32 weights
+    x, w1, w2, w3, experts, weights = routed(PANEL_COUNTS + [300], D, H, seed=H)
+    w1, w2, w3 = (w.bfloat16() for w in (w1, w2, w3))
+    with num_threads(threads):
+        y = native.f32_moe(x, w1, w2, w3, experts, weights)
+        assert torch.equal(y, native.f32_moe(x, w1.float(), w2.float(), w3.float(), experts, weights))
+    assert y.dtype == torch.float32
+    ref = naive_moe(*(t.double() for t in (x, w1, w2, w3)), experts, weights.double())
+    assert (y.double() - ref).abs().max() <= 1e-6 * ref.abs().max()
+
+
+@needs_avx2_build
+def test_grouped_takes_it_for_bf16_inference_computed_in_fp32():
+    # BF16_AS_FP32 (no bf16 products): from NATIVE_MOE_MAX_SLOTS_FUSED slots per expert, x converted and the output
+    # rounded once to bf16; up to it native_moe
+    if G.compute_dtype(torch.empty(0, dtype=torch.bfloat16)) != torch.float32:
+        pytest.skip("this CPU has bf16 products")
+    few = G.NATIVE_MOE_MAX_SLOTS_FUSED * 8 // 2  # tokens up to which native_moe takes them (8 experts, top-2)
+    x, w1, w2, w3, experts, weights = (t.bfloat16() if t.is_floating_point() else t
+                                       for t in make(few + 8, 64, 96, 8, 2, seed=4))
+    weights = weights.float()
+    with unittest.mock.patch.object(native, "f32_moe", wraps=native.f32_moe) as op, torch.no_grad():
+        y = G.grouped_moe(x, w1, w2, w3, experts, weights)
+        assert op.call_count == 1 and y.dtype == torch.bfloat16
+        G.grouped_moe(x[:few], w1, w2, w3, experts[:few], weights[:few])
+        assert op.call_count == 1
+    ref = naive_moe(*(t.double() for t in (x, w1, w2, w3)), experts, weights.double())
+    assert ((y.double() - ref).abs() <= 2**-8 * ref.abs() + 1e-6 * ref.abs().max()).all()  # one bf16 rounding
+
+
 # on 2 threads an expert of 2 x 128 slots or more is split by slots, each thread's share ending on a multiple of 16:
 # 270 = 128 + 142, 300 = 144 + 156, 393 = 192 + 201 (its last 9 slots are rows on 1 thread, in a block of 137, and
 # lanes on 2, in a block of 73); 200 and 40 are split by hidden rows and output columns
@@ -199,12 +236,13 @@ def test_grouped_takes_it_for_fp32_inference_past_the_decode_kernel():
             y = G.grouped_moe(x, w1, w2, w3, experts, weights)
             assert op.call_count == 1
             G.grouped_moe(x[:few], w1, w2, w3, experts[:few], weights[:few])  # native_moe
-            G.grouped_moe(*(t.bfloat16() for t in (x, w1, w2, w3)), experts, weights)  # bf16: amx_moe
-            assert op.call_count == 1
+            G.grouped_moe(*(t.bfloat16() for t in (x, w1, w2, w3)), experts, weights)  # bf16: amx_moe (avx2: this op)
+            assert op.call_count == 1 + (not native.amx())
         xg = x.clone().requires_grad_()
         with unittest.mock.patch.object(native, "f32_moe_keep", wraps=native.f32_moe_keep) as keep:
             G.grouped_moe(xg, w1, w2, w3, experts, weights).sum().backward()  # training: f32_moe_keep (amx build)
-        assert op.call_count == 1 and keep.call_count == int(native.amx()) and xg.grad is not None
+        assert op.call_count == 1 + (not native.amx()) and keep.call_count == int(native.amx())
+        assert xg.grad is not None
     with native.disabled(), torch.no_grad():
         assert (y - G.grouped_moe(x, w1, w2, w3, experts, weights)).abs().max() <= 1e-6 * y.abs().max()
 
@@ -221,6 +259,11 @@ def test_bad_inputs_are_named():
         native.f32_moe(x, w1, w2.transpose(1, 2), w3, experts, weights)
     with pytest.raises(RuntimeError, match=r"experts and weights \(N, K\)"):
         native.f32_moe(x, w1, w2, w3, experts, weights[:, :1])
+    if not native.amx():  # the avx2 build takes bf16 weights, all three
+        with pytest.raises(RuntimeError, match="the expert weights bfloat16, got Float, BFloat16, Float, BFloat16"):
+            native.f32_moe(x, w1.bfloat16(), w2, w3.bfloat16(), experts, weights)
+        with pytest.raises(RuntimeError, match="x must be float32"):
+            native.f32_moe(x.bfloat16(), w1.bfloat16(), w2.bfloat16(), w3.bfloat16(), experts, weights)
 
 
 @needs_amx

@@ -239,26 +239,28 @@ def test_every_instruction_sets_build_compiles(tmp_path, isa):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,skew", [(1, False), (7, False), (16, True), ("limit", False)])
 def test_grouped_inference_takes_the_kernel_within_naive_error(N, skew, dtype, monkeypatch):
-    # few token-slots of inference (up to native.max_rows per expert on average): grouped_moe is native_moe
-    # (each touched expert read once per pass of its slots; skew: one expert takes all 32 slots), within the
-    # bound of the naive loop; beyond, the sorted per-expert products
+    # few token-slots of inference (up to native.max_rows per expert on average, or fewer where the fused fp32 op
+    # takes the experts: grouped.native_moe_max_slots): grouped_moe is native_moe (each touched expert read once per
+    # pass of its slots; skew: one expert takes all 32 slots), within the bound of the naive loop; beyond, the sorted
+    # per-expert products or the fused op
     if not native.used_for(dtype):
         pytest.skip(f"smoe's kernels do not serve {dtype} on this CPU")
     from smoe.kernels import grouped as G
     from smoe.kernels.naive import naive_moe
     monkeypatch.setattr(G, "amx_serves", lambda *a: False)  # the AMX op's own tests: test_amx_moe.py
     D, H, E, K = 64, 96, 8, 2
-    N = native.max_rows(dtype) * E // K if N == "limit" else N
-    g = torch.Generator().manual_seed(N)
-    x = torch.randn(N, D, generator=g).to(dtype)
+    g = torch.Generator().manual_seed(0 if N == "limit" else N)
     w1, w3 = (torch.randn(E, H, D, generator=g).to(dtype) * 0.2 for _ in range(2))
     w2 = torch.randn(E, D, H, generator=g).to(dtype) * 0.2
+    limit = G.native_moe_max_slots(torch.empty(0, D, dtype=dtype), w1, w2, w3, torch.empty(0, K, dtype=torch.long))
+    N = limit * E // K if N == "limit" else N
+    x = torch.randn(N, D, generator=g).to(dtype)
     experts = torch.zeros(N, K, dtype=torch.long) if skew else torch.rand(N, E, generator=g).topk(K, -1).indices
     weights = torch.softmax(torch.randn(N, K, generator=g), -1).to(dtype)
     args = (x, w1, w2, w3, experts, weights)
     y = G.grouped_moe(*args)
     assert torch.equal(y, G.native_moe(*args))
-    if N * K == native.max_rows(dtype) * E:  # the limit; one token more and the library's products run
+    if N * K == limit * E:  # the limit; one token more and the library's products (or the fused op) run
         more = (torch.cat([x, x[:1]]), w1, w2, w3, torch.cat([experts, experts[:1]]), torch.cat([weights, weights[:1]]))
         with unittest.mock.patch.object(G, "native_moe", side_effect=AssertionError("not past the limit")):
             G.grouped_moe(*more)

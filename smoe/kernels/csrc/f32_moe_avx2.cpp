@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 
 #include "moe_common.h"
 #include "simd256.h"
@@ -75,6 +76,12 @@ struct Panels {
     int64_t stride(int64_t u) const { return 8 * width(of(u)); }
 };
 
+// rows [0, rows) of w (ld apart), cols long, as fp32 rows of buf (cols apart)
+inline void to_fp32(const uint16_t* w, int64_t ld, int64_t rows, int64_t cols, float* buf) {
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t c = 0; c < cols; c += 8) store8(buf + i * cols + c, load8(w + i * ld + c, cols - c), cols - c);
+}
+
 // r[i][j] -> r[j][i] for an 8 x 8 fp32 block held in 8 vectors
 inline void transpose8(__m256 r[8]) {
     __m256 t[8];
@@ -96,12 +103,20 @@ inline void transpose8(__m256 r[8]) {
     }
 }
 
+// rows that a panel fetches into L1 as it goes, for what comes after it: JB rows from each of NW starts (none where the
+// first is null), ld bytes apart, elem bytes per k
+template <int NW>
+struct Ahead {
+    const void* p[NW];
+    int64_t ld, elem;
+};
+
 // sums[i][j][v] = sum over k < K of w[i][j * ldw + k] * bT[k * ldb + 8 v ..] for NW weights' JB rows and V vectors of
-// 8 tokens; the same rows of next[i] (if given) are fetched into L1 a line per 16 k, for the next panel. The sums are
-// stored once, for the caller's epilogue
+// 8 tokens, the rows of next fetched meanwhile (16 k of each at a time). The sums are stored once, for the caller's
+// epilogue
 template <int NW, int JB, int V>
 __attribute__((noinline)) void panel(const float* const (&w)[NW], int64_t ldw, int64_t K, const float* bT, int64_t ldb,
-                                     __m256 (&sums)[NW][JB][V], const float* const (&next)[NW]) {
+                                     __m256 (&sums)[NW][JB][V], const Ahead<NW>& next) {
     // accumulators of a plain vector type (not __m256, which may alias anything) and every loop over them unrolled by
     // pragma: otherwise gcc 12 kept them in a stack array and stored each one after every FMA (dead stores, but 12 per
     // 12 FMAs at one 32-byte store a cycle: 1.8x the library's time)
@@ -114,12 +129,12 @@ __attribute__((noinline)) void panel(const float* const (&w)[NW], int64_t ldw, i
             #pragma GCC unroll 16
             for (int v = 0; v < V; v++) acc[i][j][v] = _mm256_setzero_ps();
     for (int64_t k0 = 0; k0 < K; k0 += 16) {
-        if (next[0] != nullptr)
+        if (next.p[0] != nullptr)
             #pragma GCC unroll 16
             for (int i = 0; i < NW; i++)
                 #pragma GCC unroll 16
                 for (int j = 0; j < JB; j++)
-                    _mm_prefetch(reinterpret_cast<const char*>(next[i] + j * ldw + k0), _MM_HINT_T0);
+                    _mm_prefetch(static_cast<const char*>(next.p[i]) + j * next.ld + k0 * next.elem, _MM_HINT_T0);
         const int64_t k1 = std::min(K, k0 + 16);
         for (int64_t k = k0; k < k1; k++) {
             __m256 b[V];
@@ -147,10 +162,9 @@ __attribute__((noinline)) void panel(const float* const (&w)[NW], int64_t ldw, i
 // with keep, the pre-activations w1 x and w3 x also into a1T and a3T (laid out as h^T)
 template <int JB, int V>
 void up_panel(const float* w1, const float* w3, int64_t D, const float* xT, int64_t ldx, const float* rw,
-              float* const* hv, const int64_t* ldh, float* a1T, float* a3T, int64_t lda, const float* n1,
-              const float* n3) {
+              float* const* hv, const int64_t* ldh, float* a1T, float* a3T, int64_t lda, const Ahead<2>& next) {
     __m256 acc[2][JB][V];
-    panel<2, JB, V>({w1, w3}, D, D, xT, ldx, acc, {n1, n3});
+    panel<2, JB, V>({w1, w3}, D, D, xT, ldx, acc, next);
     for (int v = 0; v < V; v++) {
         const __m256 r = _mm256_load_ps(rw + 8 * v);
         for (int j = 0; j < JB; j++) {
@@ -166,19 +180,19 @@ void up_panel(const float* w1, const float* w3, int64_t D, const float* xT, int6
 template <int JB>
 void up_panel_v(int64_t vectors, const float* w1, const float* w3, int64_t D, const float* xT, int64_t ldx,
                 const float* rw, float* const* hv, const int64_t* ldh, float* a1T, float* a3T, int64_t lda,
-                const float* n1, const float* n3) {
+                const Ahead<2>& next) {
     static_assert(kUpVectors == 2);
-    if (vectors == 1) return up_panel<JB, 1>(w1, w3, D, xT, ldx, rw, hv, ldh, a1T, a3T, lda, n1, n3);
-    return up_panel<JB, 2>(w1, w3, D, xT, ldx, rw, hv, ldh, a1T, a3T, lda, n1, n3);
+    if (vectors == 1) return up_panel<JB, 1>(w1, w3, D, xT, ldx, rw, hv, ldh, a1T, a3T, lda, next);
+    return up_panel<JB, 2>(w1, w3, D, xT, ldx, rw, hv, ldh, a1T, a3T, lda, next);
 }
 
 // down for kDownRows rows of w2 (ldw apart, K long) against a token panel of V vectors (its rows ldh apart): y^T rows
 // stored (first) or added into y (ldy apart)
 template <int V>
 void down_panel(const float* w2, int64_t ldw, int64_t K, const float* hT, int64_t ldh, bool first, float* y,
-                int64_t ldy, const float* next) {
+                int64_t ldy, const Ahead<1>& next) {
     __m256 acc[1][kDownRows][V];
-    panel<1, kDownRows, V>({w2}, ldw, K, hT, ldh, acc, {next});
+    panel<1, kDownRows, V>({w2}, ldw, K, hT, ldh, acc, next);
     for (int j = 0; j < kDownRows; j++)
         for (int v = 0; v < V; v++) {
             float* o = y + j * ldy + 8 * v;
@@ -187,7 +201,7 @@ void down_panel(const float* w2, int64_t ldw, int64_t K, const float* hT, int64_
 }
 
 void down_panel_v(int64_t vectors, const float* w2, int64_t ldw, int64_t K, const float* hT, int64_t ldh, bool first,
-                  float* y, int64_t ldy, const float* next) {
+                  float* y, int64_t ldy, const Ahead<1>& next) {
     static_assert(kDownVectors == 3);
     switch (vectors) {
         case 1: return down_panel<1>(w2, ldw, K, hT, ldh, first, y, ldy, next);
@@ -228,23 +242,38 @@ void add_transposed(const float* yT, int64_t ldb, int64_t n, int64_t t0, int64_t
 }
 
 // One block of an expert's n tokens (x^T and router weights rw, ldb lanes) and a chunk of its hidden units [h0, h0 + hc)
+template <typename W>
 struct Block {
-    const float *w1, *w2, *w3, *xT, *rw;
+    const W *w1, *w2, *w3;  // the expert's, float or bf16 (stored as uint16_t)
+    const float *xT, *rw;
     float *hT, *a1T, *a3T;  // h^T in Panels' layout; the pre-activations (hc x ldb each) only where kept (else null)
     int64_t D, H, h0, hc, ldb;
 };
 
 // up: h^T rows of up panels p0 .. p1 (kUpRows hidden units each) of the block's chunk
-void up_rows(const Block& b, int64_t p0, int64_t p1) {
+// bf16 weights: each panel's rows converted first into fp32 rows of this thread's (in L1)
+template <typename W>
+void up_rows(const Block<W>& b, int64_t p0, int64_t p1) {
+    constexpr bool bf16 = std::is_same_v<W, uint16_t>;
+    Scratch<13, float> conv(bf16 ? 2 * kUpRows * b.D : 0);
     const Panels panels(b.ldb / 8);
     for (int64_t p = p0; p < p1; p++) {
         const int64_t j = b.h0 + p * kUpRows, rows = std::min<int64_t>(kUpRows, b.h0 + b.hc - j);
         const bool more = p + 1 < p1;
+        const float *w1, *w3;
+        if constexpr (bf16) {
+            to_fp32(b.w1 + j * b.D, b.D, rows, b.D, conv.data);
+            to_fp32(b.w3 + j * b.D, b.D, rows, b.D, conv.data + kUpRows * b.D);
+            w1 = conv.data, w3 = conv.data + kUpRows * b.D;
+        } else {
+            w1 = b.w1 + j * b.D, w3 = b.w3 + j * b.D;
+        }
         for (int64_t t0 = 0; t0 < b.ldb; t0 += 8 * kUpVectors) {
             const int64_t vectors = std::min<int64_t>(kUpVectors, (b.ldb - t0) / 8);
-            const float* n1 = more && t0 == 0 ? b.w1 + (j + kUpRows) * b.D : nullptr;
-            const float* n3 = more && t0 == 0 ? b.w3 + (j + kUpRows) * b.D : nullptr;
-            const float *a1 = b.w1 + j * b.D, *a3 = b.w3 + j * b.D, *x = b.xT + t0 * b.D, *r = b.rw + t0;
+            // the next panel's rows into L1 meanwhile (bf16: for its conversion)
+            Ahead<2> next{{nullptr, nullptr}, int64_t(b.D * sizeof(W)), int64_t(sizeof(W))};
+            if (more && t0 == 0) next.p[0] = b.w1 + (j + kUpRows) * b.D, next.p[1] = b.w3 + (j + kUpRows) * b.D;
+            const float *a1 = w1, *a3 = w3, *x = b.xT + t0 * b.D, *r = b.rw + t0;
             const int64_t at = (j - b.h0) * b.ldb + t0;
             float *k1 = b.a1T ? b.a1T + at : nullptr, *k3 = b.a3T ? b.a3T + at : nullptr;
             float* h[kUpVectors];
@@ -255,29 +284,54 @@ void up_rows(const Block& b, int64_t p0, int64_t p1) {
                 ldh[v] = stride;
             }
             const int64_t ldx = 8 * vectors;  // x^T's panel of these vectors, D rows
-            if (rows == kUpRows) up_panel_v<kUpRows>(vectors, a1, a3, b.D, x, ldx, r, h, ldh, k1, k3, b.ldb, n1, n3);
-            else if (rows == 1) up_panel_v<1>(vectors, a1, a3, b.D, x, ldx, r, h, ldh, k1, k3, b.ldb, n1, n3);
-            else up_panel_v<2>(vectors, a1, a3, b.D, x, ldx, r, h, ldh, k1, k3, b.ldb, n1, n3);
+            if (rows == kUpRows) up_panel_v<kUpRows>(vectors, a1, a3, b.D, x, ldx, r, h, ldh, k1, k3, b.ldb, next);
+            else if (rows == 1) up_panel_v<1>(vectors, a1, a3, b.D, x, ldx, r, h, ldh, k1, k3, b.ldb, next);
+            else up_panel_v<2>(vectors, a1, a3, b.D, x, ldx, r, h, ldh, k1, k3, b.ldb, next);
         }
     }
 }
 
 // down: rows [d0, d1) of the block's y^T (D x ldb) from the chunk's h^T, stored (first) or added. In passes of
 // kDownDepth hidden units and kDownBlockRows rows of w2 (those rows' stretch in L2): each token panel's stretch of h^T
-// (in L1) against the pass's rows of w2, kDownRows at a time
-void down_rows(const Block& b, int64_t d0, int64_t d1, bool first, float* yT) {
+// (in L1) against the pass's rows of w2, kDownRows at a time; bf16 weights: the pass's rows converted first into fp32
+// rows of this thread's (in L2)
+template <typename W>
+void down_rows(const Block<W>& b, int64_t d0, int64_t d1, bool first, float* yT) {
+    constexpr bool bf16 = std::is_same_v<W, uint16_t>;
+    Scratch<14, float> conv(bf16 ? kDownBlockRows * kDownDepth : 0);
     const Panels panels(b.ldb / 8);
     for (int64_t k0 = 0; k0 < b.hc; k0 += kDownDepth) {
         const int64_t K = std::min(kDownDepth, b.hc - k0);
         for (int64_t m0 = d0; m0 < d1; m0 += kDownBlockRows) {
             const int64_t m1 = std::min(d1, m0 + kDownBlockRows);
+            const float* w;  // row m0 of the pass's rows, ldw apart
+            int64_t ldw;
+            if constexpr (bf16) {
+                to_fp32(b.w2 + m0 * b.H + b.h0 + k0, b.H, m1 - m0, K, conv.data);
+                w = conv.data, ldw = K;
+            } else {
+                w = b.w2 + m0 * b.H + b.h0 + k0, ldw = b.H;
+            }
+            // the first token panel fetches the rows that come next: fp32, the pass's next rows; bf16, the next
+            // pass's, for its conversion
+            int64_t nk0 = k0, nm0 = m1;
+            if (nm0 >= d1) nk0 += kDownDepth, nm0 = d0;
+            const int64_t nm1 = std::min(d1, nm0 + kDownBlockRows);
             for (int64_t p = 0; p < panels.count(); p++) {
                 const int64_t u = panels.start(p), ldh = 8 * panels.width(p);
                 const float* h = b.hT + u * 8 * b.hc + k0 * ldh;
-                for (int64_t d = m0; d < m1; d += kDownRows)
-                    down_panel_v(panels.width(p), b.w2 + d * b.H + b.h0 + k0, b.H, K, h, ldh, first && k0 == 0,
-                                 yT + d * b.ldb + u * 8, b.ldb,
-                                 p == 0 && d + kDownRows < m1 ? b.w2 + (d + kDownRows) * b.H + b.h0 + k0 : nullptr);
+                for (int64_t d = m0; d < m1; d += kDownRows) {
+                    Ahead<1> next{{nullptr}, int64_t(ldw * sizeof(float)), int64_t(sizeof(float))};
+                    if constexpr (bf16) {
+                        next = {{nullptr}, int64_t(b.H * sizeof(W)), int64_t(sizeof(W))};
+                        if (p == 0 && nk0 < b.hc && nm0 + d - m0 + kDownRows <= nm1)
+                            next.p[0] = b.w2 + (nm0 + d - m0) * b.H + b.h0 + nk0;
+                    } else if (p == 0 && d + kDownRows < m1) {
+                        next.p[0] = w + (d + kDownRows - m0) * ldw;
+                    }
+                    down_panel_v(panels.width(p), w + (d - m0) * ldw, ldw, K, h, ldh, first && k0 == 0,
+                                 yT + d * b.ldb + u * 8, b.ldb, next);
+                }
             }
         }
     }
@@ -286,7 +340,8 @@ void down_rows(const Block& b, int64_t d0, int64_t d1, bool first, float* yT) {
 // the kept pre-activations of hidden units [h0 + 16 g0, h0 + 16 g1) of the block's chunk, from h^T's layout into the n
 // slots' rows of a1 and a3 (H wide), each row's 16 units one 64-byte line stored past the cache where H allows (the
 // backward reads them much later; 32-byte pieces streamed alone cost more than the products)
-void keep_rows(const Block& b, int64_t g0, int64_t g1, int64_t n, float* a1, float* a3) {
+template <typename W>
+void keep_rows(const Block<W>& b, int64_t g0, int64_t g1, int64_t n, float* a1, float* a3) {
     for (int64_t g = g0; g < g1; g++) {
         const int64_t units = std::min<int64_t>(16, b.hc - g * 16);
         const bool whole = units == 16 && b.H % 16 == 0;  // every row's 16 units one aligned line
@@ -317,10 +372,17 @@ void keep_rows(const Block& b, int64_t g0, int64_t g1, int64_t n, float* a1, flo
     _mm_sfence();
 }
 
+// a bf16 tensor's elements as their bits
+inline const uint16_t* bits(const at::Tensor& t) {
+    return reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>());
+}
+
 // out, and where a1 and a3 are given (N K x H each), the pre-activations in sorted slot order
 at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3,
                const at::Tensor& experts, const at::Tensor& weights, float* a1, float* a3) {
-    smoe_moe::check_args("smoe_native::f32_moe", x, w1, w2, w3, experts, weights, at::kFloat);
+    const bool bf16 = w1.scalar_type() == at::kBFloat16;  // bf16 weights: fp32 products of them, converted in L1/L2
+    smoe_moe::check_args("smoe_native::f32_moe", x, w1, w2, w3, experts, weights, at::kFloat,
+                         bf16 ? at::kBFloat16 : at::kFloat);
     const int64_t N = x.size(0), D = x.size(1), E = w1.size(0), H = w1.size(1), K = experts.size(1);
     TORCH_CHECK(D % 16 == 0, "smoe_native::f32_moe: dim must be a multiple of 16, got ", D);
     auto xc = x.contiguous();
@@ -350,19 +412,25 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, 
             std::copy(slots.weight.data() + b0, slots.weight.data() + b0 + n, rw.data);
             std::fill(rw.data + n, rw.data + ldb, 0.f);
             for (int64_t h0 = 0; h0 < H; h0 += kHidden) {
-                const Block b{w1c.const_data_ptr<float>() + ex * H * D, w2c.const_data_ptr<float>() + ex * D * H,
-                              w3c.const_data_ptr<float>() + ex * H * D, xT.data, rw.data, hT.data,
-                              a1 != nullptr ? a1T.data : nullptr, a1 != nullptr ? a3T.data : nullptr, D, H, h0,
-                              std::min(kHidden, H - h0), ldb};
-                at::parallel_for(0, (b.hc + kUpRows - 1) / kUpRows, 8,
-                                 [&](int64_t p0, int64_t p1) { up_rows(b, p0, p1); });
-                if (a1 != nullptr)
-                    at::parallel_for(0, (b.hc + 15) / 16, 4, [&](int64_t g0, int64_t g1) {
-                        keep_rows(b, g0, g1, n, a1 + b0 * H, a3 + b0 * H);
+                const auto chunk = [&](const auto* w1p, const auto* w2p, const auto* w3p) {
+                    using W = std::remove_cv_t<std::remove_pointer_t<decltype(w1p)>>;
+                    const Block<W> b{w1p + ex * H * D, w2p + ex * D * H, w3p + ex * H * D, xT.data, rw.data, hT.data,
+                                     a1 != nullptr ? a1T.data : nullptr, a1 != nullptr ? a3T.data : nullptr, D, H, h0,
+                                     std::min(kHidden, H - h0), ldb};
+                    at::parallel_for(0, (b.hc + kUpRows - 1) / kUpRows, 8,
+                                     [&](int64_t p0, int64_t p1) { up_rows(b, p0, p1); });
+                    if (a1 != nullptr)
+                        at::parallel_for(0, (b.hc + 15) / 16, 4, [&](int64_t g0, int64_t g1) {
+                            keep_rows(b, g0, g1, n, a1 + b0 * H, a3 + b0 * H);
+                        });
+                    at::parallel_for(0, D / kDownRows, 1, [&](int64_t g0, int64_t g1) {
+                        down_rows(b, g0 * kDownRows, g1 * kDownRows, h0 == 0, yT.data);
                     });
-                at::parallel_for(0, D / kDownRows, 1, [&](int64_t g0, int64_t g1) {
-                    down_rows(b, g0 * kDownRows, g1 * kDownRows, h0 == 0, yT.data);
-                });
+                };
+                if (bf16)
+                    chunk(bits(w1c), bits(w2c), bits(w3c));
+                else
+                    chunk(w1c.const_data_ptr<float>(), w2c.const_data_ptr<float>(), w3c.const_data_ptr<float>());
             }
             at::parallel_for(0, ldb / 8, 1,
                              [&](int64_t t0, int64_t t1) { add_transposed(yT.data, ldb, n, t0, t1, token, o, D); });

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <memory>
 #include <new>
+#include <optional>
 #include <type_traits>
 #include <tuple>
 #include <vector>
@@ -21,13 +22,15 @@ namespace smoe_moe {
 // x (N, D), w1 and w3 (E, H, D), w2 (E, D, H), experts and weights (N, K): CPU tensors, x and the weights of `dtype`
 inline void check_args(const char* op, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
                        const at::Tensor& w3, const at::Tensor& experts, const at::Tensor& weights,
-                       at::ScalarType dtype) {
+                       at::ScalarType dtype, std::optional<at::ScalarType> weights_dtype = std::nullopt) {
     TORCH_CHECK(x.device().is_cpu() && w1.device().is_cpu() && w2.device().is_cpu() && w3.device().is_cpu(), op,
                 ": CPU tensors only");
-    TORCH_CHECK(x.scalar_type() == dtype && w1.scalar_type() == dtype && w2.scalar_type() == dtype &&
-                    w3.scalar_type() == dtype,
-                op, ": x and the expert weights must be ", dtype == at::kFloat ? "float32" : "bfloat16", ", got ",
-                x.scalar_type(), ", ", w1.scalar_type(), ", ", w2.scalar_type(), ", ", w3.scalar_type());
+    const auto wt = weights_dtype.value_or(dtype);
+    const auto name = [](at::ScalarType t) { return t == at::kFloat ? "float32" : "bfloat16"; };
+    TORCH_CHECK(x.scalar_type() == dtype && w1.scalar_type() == wt && w2.scalar_type() == wt &&
+                    w3.scalar_type() == wt,
+                op, ": x must be ", name(dtype), " and the expert weights ", name(wt), ", got ", x.scalar_type(),
+                ", ", w1.scalar_type(), ", ", w2.scalar_type(), ", ", w3.scalar_type());
     TORCH_CHECK(x.dim() == 2 && w1.dim() == 3 && w1.sizes() == w3.sizes() && w2.dim() == 3 &&
                     w2.size(0) == w1.size(0) && w2.size(1) == w1.size(2) && w2.size(2) == w1.size(1) &&
                     x.size(1) == w1.size(2),
