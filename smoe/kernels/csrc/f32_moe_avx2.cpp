@@ -19,8 +19,10 @@
 // rows of w2 in L2. With both as rows of all the block's tokens (512 bytes apart at 128 tokens, so a panel's rows
 // fell in 8 of L1's 64 sets) every panel streamed its operand from L2, and the down ran at 62-66 GFLOP/s against
 // the library's 83 (the medium preset's experts, 128 tokens each, 1 thread of a Zen 3 whose FMAs peak at 101); now 82.
-// A block's lanes past its last token are zeros (at most 7 of them). The threads take whole panels and row groups, or
-// an expert's slots in shares where it has kSplitMinSlots per thread (smoe_moe::split_slots).
+// A block's lanes past its last token are zeros (at most 7 of them). The threads take whole panels and row groups, eight
+// at a time as each comes free (dynamic_for: where the two vCPUs ran at different speeds, the halves of a static split
+// took 1.03-1.08x the time), or an expert's slots in shares where it has kSplitMinSlots per thread
+// (smoe_moe::split_slots).
 #include <immintrin.h>
 
 #include <ATen/Parallel.h>
@@ -30,6 +32,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <tuple>
 #include <type_traits>
@@ -372,6 +375,16 @@ void keep_rows(const Block<W>& b, int64_t g0, int64_t g1, int64_t n, float* a1, 
     _mm_sfence();
 }
 
+// f(i0, i1) over [0, n) in pieces of chunk taken by the intra-op threads as each comes free (all on the calling thread
+// inside a parallel region)
+template <typename F>
+void dynamic_for(int64_t n, int64_t chunk, const F& f) {
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+        for (int64_t i; (i = next.fetch_add(chunk)) < n;) f(i, std::min(n, i + chunk));
+    });
+}
+
 // a bf16 tensor's elements as their bits
 inline const uint16_t* bits(const at::Tensor& t) {
     return reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>());
@@ -417,13 +430,12 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, 
                     const Block<W> b{w1p + ex * H * D, w2p + ex * D * H, w3p + ex * H * D, xT.data, rw.data, hT.data,
                                      a1 != nullptr ? a1T.data : nullptr, a1 != nullptr ? a3T.data : nullptr, D, H, h0,
                                      std::min(kHidden, H - h0), ldb};
-                    at::parallel_for(0, (b.hc + kUpRows - 1) / kUpRows, 8,
-                                     [&](int64_t p0, int64_t p1) { up_rows(b, p0, p1); });
+                    dynamic_for((b.hc + kUpRows - 1) / kUpRows, 8, [&](int64_t p0, int64_t p1) { up_rows(b, p0, p1); });
                     if (a1 != nullptr)
                         at::parallel_for(0, (b.hc + 15) / 16, 4, [&](int64_t g0, int64_t g1) {
                             keep_rows(b, g0, g1, n, a1 + b0 * H, a3 + b0 * H);
                         });
-                    at::parallel_for(0, D / kDownRows, 1, [&](int64_t g0, int64_t g1) {
+                    dynamic_for(D / kDownRows, 8, [&](int64_t g0, int64_t g1) {
                         down_rows(b, g0 * kDownRows, g1 * kDownRows, h0 == 0, yT.data);
                     });
                 };
