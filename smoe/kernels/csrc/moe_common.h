@@ -19,7 +19,8 @@
 
 namespace smoe_moe {
 
-// x (N, D), w1 and w3 (E, H, D), w2 (E, D, H), experts and weights (N, K): CPU tensors, x and the weights of `dtype`
+// x (N, D), w1 and w3 (E, H, D), w2 (E, D, H), experts and weights (N, K): CPU tensors, x of `dtype`, the expert weights
+// of `weights_dtype` (by default `dtype`)
 inline void check_args(const char* op, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
                        const at::Tensor& w3, const at::Tensor& experts, const at::Tensor& weights,
                        at::ScalarType dtype, std::optional<at::ScalarType> weights_dtype = std::nullopt) {
