@@ -407,18 +407,18 @@ def f32_fused_takes(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tens
     """Whether experts computed in fp32 (fp32 ones, and bf16 ones where BF16_AS_FP32) run as smoe's fused op (f32_moe,
     or f32_moe_keep for training's forward where keep) where it serves: the AVX-512 build at any size, the AVX2 build
     for inference below F32_AVX2_MAX_SLOTS_PER_EXPERT slots per expert on average."""
-    if compute_dtype(x_ND) != x_ND.dtype:  # the op's fp32 x, not made before it is taken
-        x_ND = x_ND.new_empty((0, x_ND.shape[-1]), dtype=compute_dtype(x_ND))
-    return native.f32_moe_serves(x_ND, w1_EHD, w2_EDH, w3_EHD) and (
+    return native.f32_moe_serves(x_ND, w1_EHD, w2_EDH, w3_EHD, compute_dtype(x_ND)) and (
         native.amx() or (not keep and experts_NK.numel() < F32_AVX2_MAX_SLOTS_PER_EXPERT * w1_EHD.shape[0]))
 
 
-def native_moe_max_slots(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
-                         experts_NK: torch.Tensor) -> int:
-    """Token-slots per expert on average up to which inference runs as native_moe: native.max_rows, at most
-    NATIVE_MOE_MAX_SLOTS_FUSED where the fused fp32 op takes the experts (f32_fused_takes)."""
-    rows = native.max_rows(x_ND.dtype)
-    return min(rows, NATIVE_MOE_MAX_SLOTS_FUSED) if f32_fused_takes(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK) else rows
+def native_moe_takes(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
+                     experts_NK: torch.Tensor) -> bool:
+    """Whether inference (the caller checks grad) runs as native_moe: up to native.max_rows token-slots per expert on
+    average where its kernel serves, up to NATIVE_MOE_MAX_SLOTS_FUSED where the fused fp32 op takes the experts. The
+    op's checks (3-9 us) come last, so a decode step does not pay them."""
+    S, E = experts_NK.numel(), w1_EHD.shape[0]
+    return (S <= native.max_rows(x_ND.dtype) * E and native.serves(x_ND, w1_EHD)
+            and (S <= NATIVE_MOE_MAX_SLOTS_FUSED * E or not f32_fused_takes(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK)))
 
 
 def grouped_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
@@ -435,8 +435,7 @@ def grouped_moe(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, 
     # bf16 inference on a CPU with AMX from AMX_MIN_SLOTS_PER_EXPERT slots per expert: the fused AMX op
     if not grad and amx_takes(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK):
         return native.amx_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK.float())
-    if (not grad and experts_NK.numel() <= native_moe_max_slots(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK)
-            * w1_EHD.shape[0] and native.serves(x_ND, w1_EHD)):
+    if not grad and native_moe_takes(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK):
         return native_moe(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)  # eager or compiled
     # fp32 inference on more slots: the fused fp32 op where f32_fused_takes (the medium preset's experts, 1 thread of a
     # Xeon with AMX, against the library's per-expert products: 1.9x faster at 64 tokens, 1.6x at 128, 1.2x at 512)

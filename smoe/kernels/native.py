@@ -243,11 +243,12 @@ def amx_probe_ns(products: int = 1 << 16) -> float:
     return torch.ops.smoe_native.amx_probe(products)
 
 
-def f32_moe_serves(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor) -> bool:
-    """Whether smoe's fused fp32 MoE (csrc/f32_moe.cpp, `f32_moe`) takes these tensors: float32 x and weights (the
-    "avx2" build: or bfloat16 weights) on the CPU, dim a multiple of 16, outside torch.compile, where the "amx" or
-    "avx2" build loaded (the caller checks grad)."""
-    return (x_ND.dtype == torch.float32 and w1_EHD.dtype == w2_EDH.dtype == w3_EHD.dtype
+def f32_moe_serves(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
+                   dtype: torch.dtype | None = None) -> bool:
+    """Whether smoe's fused fp32 MoE (csrc/f32_moe.cpp, `f32_moe`) takes these tensors, x converted to dtype (default
+    its own) first: float32 x and weights (the "avx2" build: or bfloat16 weights) on the CPU, dim a multiple of 16,
+    outside torch.compile, where the "amx" or "avx2" build loaded (the caller checks grad)."""
+    return ((dtype or x_ND.dtype) == torch.float32 and w1_EHD.dtype == w2_EDH.dtype == w3_EHD.dtype
             and w1_EHD.dtype in (torch.float32, torch.bfloat16) and x_ND.device.type == "cpu"
             and w1_EHD.device.type == "cpu" and x_ND.shape[-1] % 16 == 0 and not torch.compiler.is_compiling()
             and f32_fused() and (w1_EHD.dtype == torch.float32 or _state["isa"] == "avx2"))

@@ -240,7 +240,7 @@ def test_every_instruction_sets_build_compiles(tmp_path, isa):
 @pytest.mark.parametrize("N,skew", [(1, False), (7, False), (16, True), ("limit", False)])
 def test_grouped_inference_takes_the_kernel_within_naive_error(N, skew, dtype, monkeypatch):
     # few token-slots of inference (up to native.max_rows per expert on average, or fewer where the fused fp32 op
-    # takes the experts: grouped.native_moe_max_slots): grouped_moe is native_moe (each touched expert read once per
+    # takes the experts: grouped.native_moe_takes): grouped_moe is native_moe (each touched expert read once per
     # pass of its slots; skew: one expert takes all 32 slots), within the bound of the naive loop; beyond, the sorted
     # per-expert products or the fused op
     if not native.used_for(dtype):
@@ -252,7 +252,9 @@ def test_grouped_inference_takes_the_kernel_within_naive_error(N, skew, dtype, m
     g = torch.Generator().manual_seed(0 if N == "limit" else N)
     w1, w3 = (torch.randn(E, H, D, generator=g).to(dtype) * 0.2 for _ in range(2))
     w2 = torch.randn(E, D, H, generator=g).to(dtype) * 0.2
-    limit = G.native_moe_max_slots(torch.empty(0, D, dtype=dtype), w1, w2, w3, torch.empty(0, K, dtype=torch.long))
+    limit = native.max_rows(dtype)
+    if G.f32_fused_takes(torch.empty(0, D, dtype=dtype), w1, w2, w3, torch.empty(0, K, dtype=torch.long)):
+        limit = min(limit, G.NATIVE_MOE_MAX_SLOTS_FUSED)
     N = limit * E // K if N == "limit" else N
     x = torch.randn(N, D, generator=g).to(dtype)
     experts = torch.zeros(N, K, dtype=torch.long) if skew else torch.rand(N, E, generator=g).topk(K, -1).indices

@@ -276,7 +276,7 @@ void up_rows(const Block<W>& b, int64_t p0, int64_t p1) {
             // the next panel's rows into L1 meanwhile (bf16: for its conversion)
             Ahead<2> next{{nullptr, nullptr}, int64_t(b.D * sizeof(W)), int64_t(sizeof(W))};
             if (more && t0 == 0) next.p[0] = b.w1 + (j + kUpRows) * b.D, next.p[1] = b.w3 + (j + kUpRows) * b.D;
-            const float *a1 = w1, *a3 = w3, *x = b.xT + t0 * b.D, *r = b.rw + t0;
+            const float *x = b.xT + t0 * b.D, *r = b.rw + t0;
             const int64_t at = (j - b.h0) * b.ldb + t0;
             float *k1 = b.a1T ? b.a1T + at : nullptr, *k3 = b.a3T ? b.a3T + at : nullptr;
             float* h[kUpVectors];
@@ -287,9 +287,9 @@ void up_rows(const Block<W>& b, int64_t p0, int64_t p1) {
                 ldh[v] = stride;
             }
             const int64_t ldx = 8 * vectors;  // x^T's panel of these vectors, D rows
-            if (rows == kUpRows) up_panel_v<kUpRows>(vectors, a1, a3, b.D, x, ldx, r, h, ldh, k1, k3, b.ldb, next);
-            else if (rows == 1) up_panel_v<1>(vectors, a1, a3, b.D, x, ldx, r, h, ldh, k1, k3, b.ldb, next);
-            else up_panel_v<2>(vectors, a1, a3, b.D, x, ldx, r, h, ldh, k1, k3, b.ldb, next);
+            if (rows == kUpRows) up_panel_v<kUpRows>(vectors, w1, w3, b.D, x, ldx, r, h, ldh, k1, k3, b.ldb, next);
+            else if (rows == 1) up_panel_v<1>(vectors, w1, w3, b.D, x, ldx, r, h, ldh, k1, k3, b.ldb, next);
+            else up_panel_v<2>(vectors, w1, w3, b.D, x, ldx, r, h, ldh, k1, k3, b.ldb, next);
         }
     }
 }
@@ -324,9 +324,8 @@ void down_rows(const Block<W>& b, int64_t d0, int64_t d1, bool first, float* yT)
                 const int64_t u = panels.start(p), ldh = 8 * panels.width(p);
                 const float* h = b.hT + u * 8 * b.hc + k0 * ldh;
                 for (int64_t d = m0; d < m1; d += kDownRows) {
-                    Ahead<1> next{{nullptr}, int64_t(ldw * sizeof(float)), int64_t(sizeof(float))};
+                    Ahead<1> next{{nullptr}, int64_t((bf16 ? b.H : ldw) * sizeof(W)), int64_t(sizeof(W))};
                     if constexpr (bf16) {
-                        next = {{nullptr}, int64_t(b.H * sizeof(W)), int64_t(sizeof(W))};
                         if (p == 0 && nk0 < b.hc && nm0 + d - m0 + kDownRows <= nm1)
                             next.p[0] = b.w2 + (nm0 + d - m0) * b.H + b.h0 + nk0;
                     } else if (p == 0 && d + kDownRows < m1) {
