@@ -38,12 +38,15 @@ def run_with_grads(fn, x, w1, w2, w3, experts, weights):
 
 
 def assert_same_as_naive(args, tol=1e-5):
+    # tol of each tensor's scale where that passes 1: a weight's gradient sums one product per token, and at 73 tokens
+    # on one expert (H 1) w3's reached 65, where 1.1e-5 is 3 fp32 steps (hypothesis found it; either sum order is exact
+    # to those steps)
     y0, g0 = run_with_grads(naive_moe, *args)
     y1, g1 = run_with_grads(G.grouped_moe, *args)
-    assert (y0 - y1).abs().max() <= tol
+    assert (y0 - y1).abs().max() <= tol * max(1.0, y0.abs().max().item())
     for name, a, b in zip(("x", "w1", "w2", "w3", "weights"), g0, g1):
         assert a.shape == b.shape, name
-        assert (a - b).abs().max() <= tol, name
+        assert (a - b).abs().max() <= tol * max(1.0, a.abs().max().item()), name
 
 
 @settings(max_examples=25, deadline=None)
