@@ -9,7 +9,8 @@ keeps only the two S x H pre-activations. fp32 products of many rows go through 
 over the threads (native.segment_mm), and where it does not load, fp32 inference on many slots runs expert by expert
 (gather, SwiGLU, scatter-add per expert), since its faster library products come in new tensors. Inference
 beyond the smallest sizes takes smoe's fused ops: native.amx_moe (bf16, CPUs with AMX) and native.f32_moe (fp32,
-CPUs with AMX; on AVX2 ones for inference below F32_AVX2_MAX_SLOTS_PER_EXPERT).
+CPUs with AMX; on AVX2 ones for inference below F32_AVX2_MAX_SLOTS_PER_EXPERT, training within
+F32_AVX2_KEEP_SLOTS_PER_EXPERT).
 
 Under torch.compile (decode only: few tokens) the per-expert loop would break the graph, so fixed-
 shape formulations are used instead: a gather (inductor fuses the indexed weight loads into the
@@ -30,20 +31,27 @@ COMPILED_GATHER_MAX_SLOTS = 32
 # serves (amx_serves); fewer take native_moe (medium preset's experts, 1 thread, on a Xeon with AMX: 1.71 vs
 # 1.71 ms at 8 tokens, 1.72 vs 2.31 at 16, 2.06 vs 6.80 at 64; at 1-4 tokens native_moe 7-9% faster)
 AMX_MIN_SLOTS_PER_EXPERT = 2
-# fp32 training's forward takes the fused op (native.f32_moe_keep, where it serves) from this many token-slots per
-# expert on average; fewer take the segment path (medium preset's experts, 1 thread of a Xeon with AMX, forward+backward
-# against the segment path: 0.88-0.91x at up to 1 slot per expert, 0.98x at 2-3, 1.04x at 4, 1.11x at 8)
+# fp32 training's forward takes the fused op's AVX-512 build (native.f32_moe_keep, where it serves) from this many
+# token-slots per expert on average; fewer take the segment path (medium preset's experts, 1 thread of a Xeon with AMX,
+# forward+backward against the segment path: 0.88-0.91x at up to 1 slot per expert, 0.98x at 2-3, 1.04x at 4, 1.11x at
+# 8)
 F32_KEEP_MIN_SLOTS_PER_EXPERT = 4
 # the fused fp32 op's AVX2 build (native.f32_moe's on CPUs without AVX-512) is taken for inference below this many
 # token-slots per expert on average; from there the library's products of an expert's many rows are as fast (the medium
 # preset's experts on a Zen 3, in-process against the library path: 0.75-0.88x the time at 128 per expert on 1-2
-# threads, 0.92-1.04x at 256, 0.96-1.01x at 1024). Training's forward keeps the library there: f32_moe_keep alone took
-# 0.91-0.95x the time at 128 per expert, but the layer's forward+backward with it 0.93-1.12x. Measured again once the
-# library path's SwiGLU was vectorized and its products spread the experts over the threads: at 128 per expert it took
-# 0.97-1.00x the op's time, at 32 1.11-1.30x. Once the op's down kept its operands in L1 and L2 (token panels of h^T,
-# passes of w2): the op 0.89x the library path's time at 128 per expert on 1 thread, 0.86x on 2; at 256 0.98x and
+# threads, 0.92-1.04x at 256, 0.96-1.01x at 1024; training's forward: F32_AVX2_KEEP_SLOTS_PER_EXPERT). Measured again
+# once the library path's SwiGLU was vectorized and its products spread the experts over the threads: at 128 per expert
+# it took 0.97-1.00x the op's time, at 32 1.11-1.30x. Once the op's down kept its operands in L1 and L2 (token panels of
+# h^T, passes of w2): the op 0.89x the library path's time at 128 per expert on 1 thread, 0.86x on 2; at 256 0.98x and
 # 1.06x, at 512 (2 threads) 0.98x, at 1024 (1 thread) 1.11x
 F32_AVX2_MAX_SLOTS_PER_EXPERT = 256
+# training's forward takes the AVX2 build's f32_moe_keep from the first to below the second of these token-slots per
+# expert on average, else the segment path. The medium preset's layer on a Zen 3, forward+backward with it against
+# without it in one process, medians of paired ratios (1 / 2 threads): fp32 0.98x / 0.95x the time at 6 per expert,
+# 0.98x / 0.99x at 8, 0.90x / 0.93x at 16, 0.94x / 0.90x at 32, 0.98x / 0.98x at 64, 0.99x / 1.00x at 128 (its
+# keep_rows, the pre-activations transposed into rows, costs 5-8% of the op's forward); bf16 weights 0.92x / 0.94x at
+# 16, 0.96x / 0.96x at 32, 0.98x / 1.04x at 64. Unpaired medians: 1.03-1.05x at 4, 1.04x / 1.06x at 192
+F32_AVX2_KEEP_SLOTS_PER_EXPERT = (6, 64)
 # fp32 forward products of at least this many rows per expert on average go through native.segment_mm (experts spread
 # over the threads) rather than a library product per expert spread over them, whose paths for few rows (native.gemv up
 # to native.max_rows) are faster below it: the medium preset's experts on a Zen 3, the op's time against theirs for
@@ -314,9 +322,11 @@ class GroupedMoE(torch.autograd.Function):
             # the fused forward, which also hands back the pre-activations in this sorted order
             out_ND, a1_SH, a3_SH = native.amx_moe_keep(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK,
                                                        weights_NK.to(x_ND.dtype).float())
-        elif (experts_NK.numel() >= F32_KEEP_MIN_SLOTS_PER_EXPERT * w1_EHD.shape[0]
-              and f32_fused_takes(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, keep=True)):
-            out_ND, a1_SH, a3_SH = native.f32_moe_keep(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, weights_NK)
+        elif f32_fused_takes(x_ND, w1_EHD, w2_EDH, w3_EHD, experts_NK, keep=True):
+            # bf16 where BF16_AS_FP32: x converted, fp32 pre-activations (the backward's dtype), out rounded once
+            out_ND, a1_SH, a3_SH = native.f32_moe_keep(x_ND.to(compute_dtype(x_ND)), w1_EHD, w2_EDH, w3_EHD, experts_NK,
+                                                       weights_NK)
+            out_ND = out_ND.to(x_ND.dtype)
         else:
             out_ND, (a1_SH, a3_SH) = _forward(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, w_S, segs, keep=True)
         ctx.save_for_backward(x_ND, w1_EHD, w2_EDH, w3_EHD, token_S, order_S, w_S, a1_SH, a3_SH)
@@ -405,10 +415,16 @@ def amx_takes(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3
 def f32_fused_takes(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,
                     experts_NK: torch.Tensor, keep: bool = False) -> bool:
     """Whether experts computed in fp32 (fp32 ones, and bf16 ones where BF16_AS_FP32) run as smoe's fused op (f32_moe,
-    or f32_moe_keep for training's forward where keep) where it serves: the AVX-512 build at any size, the AVX2 build
-    for inference below F32_AVX2_MAX_SLOTS_PER_EXPERT slots per expert on average."""
-    return native.f32_moe_serves(x_ND, w1_EHD, w2_EDH, w3_EHD, compute_dtype(x_ND)) and (
-        native.amx() or (not keep and experts_NK.numel() < F32_AVX2_MAX_SLOTS_PER_EXPERT * w1_EHD.shape[0]))
+    or f32_moe_keep for training's forward where keep) where it serves: the AVX-512 build for inference at any size and
+    for training from F32_KEEP_MIN_SLOTS_PER_EXPERT slots per expert on average, the AVX2 build for inference below
+    F32_AVX2_MAX_SLOTS_PER_EXPERT and for training within F32_AVX2_KEEP_SLOTS_PER_EXPERT."""
+    S, E = experts_NK.numel(), w1_EHD.shape[0]
+    if native.amx():
+        sized = not keep or S >= F32_KEEP_MIN_SLOTS_PER_EXPERT * E
+    else:
+        lo, hi = F32_AVX2_KEEP_SLOTS_PER_EXPERT if keep else (0, F32_AVX2_MAX_SLOTS_PER_EXPERT)
+        sized = lo * E <= S < hi * E
+    return sized and native.f32_moe_serves(x_ND, w1_EHD, w2_EDH, w3_EHD, compute_dtype(x_ND))
 
 
 def native_moe_takes(x_ND: torch.Tensor, w1_EHD: torch.Tensor, w2_EDH: torch.Tensor, w3_EHD: torch.Tensor,

@@ -205,14 +205,20 @@ def test_keep_hands_back_the_pre_activations_in_sorted_slot_order(N, D, H, E, K,
 
 
 def test_grouped_training_forward_takes_keep_with_the_segment_paths_gradients(monkeypatch):
-    # the amx build's training forward; the avx2 build's is the segment path's (the same gradients either way)
+    # training's forward from F32_KEEP_MIN_SLOTS_PER_EXPERT slots per expert (amx build), within
+    # F32_AVX2_KEEP_SLOTS_PER_EXPERT (avx2 build); the same gradients as the segment path's
     from tests.kernels.test_kernel_backends import run_with_grads
-    args = make(64, 64, 96, 8, 2, seed=3)
+    args = make(64, 64, 96, 8, 2, seed=3)  # 16 slots per expert: in both builds' ranges
+    lo, hi = G.F32_AVX2_KEEP_SLOTS_PER_EXPERT
+    assert G.F32_KEEP_MIN_SLOTS_PER_EXPERT <= 16 and lo <= 16 < hi
     with unittest.mock.patch.object(native, "f32_moe_keep", wraps=native.f32_moe_keep) as op:
         y0, g0 = run_with_grads(G.grouped_moe, *args)
-        assert op.call_count == int(native.amx())
+        assert op.call_count == 1
         run_with_grads(G.grouped_moe, *make(15, 64, 96, 8, 2, seed=3))  # 30 slots: under 4 per expert
-        assert op.call_count == int(native.amx())
+        assert op.call_count == 1
+        if not native.amx():  # hi slots per expert on average: the segment path again
+            run_with_grads(G.grouped_moe, *make(hi * 4, 64, 96, 8, 2, seed=3))
+            assert op.call_count == 1
     monkeypatch.setattr(native, "f32_moe_serves", lambda *t: False)
     y1, g1 = run_with_grads(G.grouped_moe, *args)
     assert (y0 - y1).abs().max() <= 1e-6 * y1.abs().max()
@@ -240,8 +246,9 @@ def test_grouped_takes_it_for_fp32_inference_past_the_decode_kernel():
             assert op.call_count == 1 + (not native.amx())
         xg = x.clone().requires_grad_()
         with unittest.mock.patch.object(native, "f32_moe_keep", wraps=native.f32_moe_keep) as keep:
-            G.grouped_moe(xg, w1, w2, w3, experts, weights).sum().backward()  # training: f32_moe_keep (amx build)
-        assert op.call_count == 1 + (not native.amx()) and keep.call_count == int(native.amx())
+            G.grouped_moe(xg, w1, w2, w3, experts, weights).sum().backward()  # training: f32_moe_keep where it takes
+        takes = G.f32_fused_takes(x, w1, w2, w3, experts, keep=True)
+        assert op.call_count == 1 + (not native.amx()) and keep.call_count == int(takes)
         assert xg.grad is not None
     with native.disabled(), torch.no_grad():
         assert (y - G.grouped_moe(x, w1, w2, w3, experts, weights)).abs().max() <= 1e-6 * y.abs().max()
@@ -318,7 +325,7 @@ def test_segment_wgrad_bad_inputs_are_named():
 @pytest.mark.skipif("native.amx()", reason="the avx2 build's size limit")
 def test_avx2_build_leaves_many_slots_per_expert_and_training_to_the_library():
     # from F32_AVX2_MAX_SLOTS_PER_EXPERT slots per expert on average the library's products of an expert's rows are as
-    # fast, and training's forward keeps the segment path at every size: the same outputs to fp32's error
+    # fast, and training's forward keeps the segment path there: the same outputs to fp32's error
     limit = G.F32_AVX2_MAX_SLOTS_PER_EXPERT
     x, w1, w2, w3, experts, weights = make(limit * 2, 32, 48, 4, 2, seed=9)  # limit slots per expert on average
     with unittest.mock.patch.object(native, "f32_moe", wraps=native.f32_moe) as op, \
