@@ -7,7 +7,9 @@ dense-equivalent: the ideal cost of the active parameters), and, forward only, t
 own matmuls on pre-gathered rows (the floor at decode sizes). Prints a table per dtype and mode and
 writes JSON. On CPUs with AMX each row also shows the tile unit's rate before and after its timing (ns per
 tile product: where another VM shares the core it varies 3-4x within seconds, and bf16 timings with it;
-compare ratios of rows whose rates agree).
+compare ratios of rows whose rates agree). The implementations run in interleaved rounds, in reversed order every
+other round; each ratio is the median over rounds of the two times' ratio within a round, so that the machine's
+drift between rounds cancels (the JSON keeps every round's times).
 
     .venv/bin/python benchmarks/moe_layer.py                       # medium-preset expert shape
     .venv/bin/python benchmarks/moe_layer.py --tokens 1 16 --dtypes float32 --modes fwd --repeat 3
@@ -32,7 +34,7 @@ from smoe.kernels import BACKENDS  # noqa: E402
 from smoe.kernels.grouped import sort_by_expert  # noqa: E402
 from smoe.kernels.linear import linear  # noqa: E402
 from smoe.kernels.memory import keep_freed_memory  # noqa: E402
-from smoe.kernels.timing import amx_ns_per_product, median, time_interleaved  # noqa: E402
+from smoe.kernels.timing import amx_ns_per_product, median, paired_ratio, time_interleaved  # noqa: E402
 from smoe.model.config import get_preset  # noqa: E402
 from smoe.model.transformer import MoE, route  # noqa: E402
 
@@ -222,6 +224,7 @@ def run_case(cfg, w: dict, mods: dict, n_tokens: int, mode: str, repeat: int, de
     amx_after = amx_ns_per_product(device)
     pick = min if stat == "min" else median
     return {"seconds": {k: pick(v) for k, v in samples.items()}, "min_seconds": {k: min(v) for k, v in samples.items()},
+            "samples": samples,
             "max_abs_diff_vs_" + ref_name: err, "failed": failed,
             "rounds": len(next(iter(samples.values()))),
             "amx_ns_per_product": None if amx_before is None else [amx_before, amx_after]}
@@ -229,6 +232,17 @@ def run_case(cfg, w: dict, mods: dict, n_tokens: int, mode: str, repeat: int, de
 
 def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a and b else "-"
+
+
+def ratios(case: dict, main: str, stat: str = "median") -> dict[str, float]:
+    """main's time over each other implementation's: the median of the rounds' paired ratios (the machine's drift
+    between rounds cancels in each), or with --stat min the ratio of the fastest rounds."""
+    s, t = case["seconds"], case["samples"]
+    if main not in t:
+        return {}
+    if stat == "min":
+        return {k: s[main] / s[k] for k in s if k != main}
+    return {k: paired_ratio(t[main], t[k]) for k in t if k != main}
 
 
 def print_table(rows: list[dict], impls: list[str], title: str, main: str) -> str:
@@ -241,7 +255,7 @@ def print_table(rows: list[dict], impls: list[str], title: str, main: str) -> st
     for r in rows:
         s = r["seconds"]
         line = f"{r['tokens']:>7} " + " ".join(f"{s[c] * 1e3:>14.3f}" if c in s else f"{'-':>14}" for c in cols)
-        line += "   " + " ".join(f"{ratio(s.get(main), s.get(ref)):>22}" for ref in refs)
+        line += "   " + " ".join(f"{ratio(r['ratios'].get(ref), 1.0):>22}" for ref in refs)
         if r.get("amx_ns_per_product"):
             line += "   {:>14.1f}/{:.1f}".format(*r["amx_ns_per_product"])
         lines.append(line)
@@ -296,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
             for n in args.tokens:
                 r = run_case(cfg, w, mods, n, mode, args.repeat, args.device, "matmuls" in impls, args.stat,
                              args.min_seconds)
-                r.update(tokens=n, dtype=dtype_name, mode=mode)
+                r.update(tokens=n, dtype=dtype_name, mode=mode, ratios=ratios(r, main_impl, args.stat))
                 rows.append(r)
                 result["cases"].append(r)
             tables.append(print_table(rows, list(mods) + ["matmuls"], f"\n[{dtype_name}, {mode}]", main_impl))

@@ -21,17 +21,19 @@ def sync(device: torch.device | str | None = None) -> None:
 def time_interleaved(fns: dict[str, Callable[[], object]], repeat: int = 7, warmup: int = 1,
                      device: torch.device | str | None = None, min_seconds: float = 0.0) -> dict[str, list[float]]:
     """Seconds per call of each function, run in interleaved rounds so that load from other
-    processes hits every candidate alike. Calls each function warmup times first, then repeat
-    rounds (more while the total is under min_seconds, up to 5x repeat)."""
+    processes hits every candidate alike, in reversed order every other round (so none always runs in
+    another's wake). Calls each function warmup times first, then repeat rounds (more while the total
+    is under min_seconds, up to 5x repeat)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     sync(device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns.items())
     start = time.perf_counter()
     rounds = 0
     while rounds < repeat or (time.perf_counter() - start < min_seconds and rounds < 5 * repeat):
-        for name, fn in fns.items():
+        for name, fn in (order if rounds % 2 == 0 else order[::-1]):
             sync(device)
             t = time.perf_counter()
             fn()
@@ -43,6 +45,14 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeat: int = 7, warm
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """The median over rounds of a's time over b's in the same round (time_interleaved's samples): where the
+    machine's speed drifts between rounds, the drift cancels in each round's ratio, not in a ratio of medians."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_ratio needs the same number of rounds of each, got {len(a)} and {len(b)}")
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def amx_ns_per_product(device: torch.device | str = "cpu") -> float | None:

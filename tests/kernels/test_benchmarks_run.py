@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,12 @@ def test_moe_layer_benchmark_runs(tmp_path, capsys):
         assert {"grouped", "naive", "hf_grouped_mm", "hf_eager", "dense"} <= set(case["seconds"])
         tol = 1e-5 if case["dtype"] == "float32" else 2e-2
         assert max(case["max_abs_diff_vs_naive"].values()) <= tol  # every implementation computed the same MoE
+        # every round's times, and grouped's ratios as the medians of the rounds' paired ratios
+        rounds = {len(v) for v in case["samples"].values()}
+        assert len(rounds) == 1 and set(case["samples"]) == set(case["seconds"])
+        assert set(case["ratios"]) == set(case["seconds"]) - {"grouped"}
+        t = case["samples"]
+        assert case["ratios"]["dense"] == sorted(a / b for a, b in zip(t["grouped"], t["dense"]))[0]  # 1 round
         # the AMX tile unit's rate around each case, where smoe's AMX kernels load
         rates = case["amx_ns_per_product"]
         assert rates is None if not native.amx() else (len(rates) == 2 and min(rates) > 0)
@@ -116,3 +123,17 @@ def test_decode_ab_benchmark_runs(tmp_path, capsys):
     assert json.loads(out.read_text())["median_ms"] == res["median_ms"] and len(res["seconds_per_token"]["this"]) == 2
     worktrees = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
     assert "smoe-ab-" not in worktrees
+
+
+def test_rounds_alternate_their_order_and_ratios_pair_within_rounds():
+    from smoe.kernels.timing import paired_ratio, time_interleaved
+    calls = []
+    samples = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeat=3, warmup=0)
+    assert calls == ["a", "b", "b", "a", "a", "b"] and all(len(v) == 3 for v in samples.values())
+    # a twice as slow as b in two of three rounds, the machine slowing down from round 2: the paired ratio reads 2,
+    # the ratio of the medians 1.1
+    a, b = [2.0, 2.2, 4.0], [1.0, 2.0, 2.0]
+    assert paired_ratio(a, b) == 2.0 and statistics.median(a) / statistics.median(b) == pytest.approx(1.1)
+    assert paired_ratio([3.0, 1.0, 2.0], [1.0, 1.0, 1.0]) == 2.0
+    with pytest.raises(ValueError, match="same number of rounds"):
+        paired_ratio([1.0], [1.0, 2.0])
