@@ -49,7 +49,7 @@ F32_AVX2_MAX_SLOTS_PER_EXPERT = 256
 # expert on average, else the segment path. The medium preset's layer on a Zen 3, forward+backward with it against
 # without it in one process, medians of paired ratios (1 / 2 threads): fp32 0.98x / 0.95x the time at 6 per expert,
 # 0.98x / 0.99x at 8, 0.90x / 0.93x at 16, 0.94x / 0.90x at 32, 0.98x / 0.98x at 64, 0.99x / 1.00x at 128 (its
-# keep_rows, the pre-activations transposed into rows, costs 5-8% of the op's forward); bf16 weights 0.92x / 0.94x at
+# keep_rows, the pre-activations transposed into rows, costs 3-8% of the op's forward); bf16 weights 0.92x / 0.94x at
 # 16, 0.96x / 0.96x at 32, 0.98x / 1.04x at 64. Unpaired medians: 1.03-1.05x at 4, 1.04x / 1.06x at 192
 F32_AVX2_KEEP_SLOTS_PER_EXPERT = (6, 64)
 # fp32 forward products of at least this many rows per expert on average go through native.segment_mm (experts spread
