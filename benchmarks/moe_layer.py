@@ -230,8 +230,8 @@ def run_case(cfg, w: dict, mods: dict, n_tokens: int, mode: str, repeat: int, de
             "amx_ns_per_product": None if amx_before is None else [amx_before, amx_after]}
 
 
-def ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}" if a and b else "-"
+def fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def ratios(case: dict, main: str, stat: str = "median") -> dict[str, float]:
@@ -255,7 +255,7 @@ def print_table(rows: list[dict], impls: list[str], title: str, main: str) -> st
     for r in rows:
         s = r["seconds"]
         line = f"{r['tokens']:>7} " + " ".join(f"{s[c] * 1e3:>14.3f}" if c in s else f"{'-':>14}" for c in cols)
-        line += "   " + " ".join(f"{ratio(r['ratios'].get(ref), 1.0):>22}" for ref in refs)
+        line += "   " + " ".join(f"{fmt_ratio(r['ratios'].get(ref)):>22}" for ref in refs)
         if r.get("amx_ns_per_product"):
             line += "   {:>14.1f}/{:.1f}".format(*r["amx_ns_per_product"])
         lines.append(line)
