@@ -5,7 +5,7 @@ F.linear (x @ w.T), as (w @ x.T).T (reads w row by row), as the same with every 
 through oneDNN's linear, in bf16 through smoe's AVX512-BF16 kernel (smoe.kernels.native) where it
 loads, and as smoe.kernels.linear.linear (the choice smoe makes). Weights are cycled over enough copies to exceed
 the caches, as in a decode or serving step where every weight comes from memory. Prints a table
-(microseconds per product and smoe's speed-up over F.linear) and writes JSON.
+(microseconds per product, medians, and smoe's speed-up over F.linear, the median of paired ratios) and writes JSON.
 
     .venv/bin/python benchmarks/linear.py                 # the small preset's shapes, 1 thread
     .venv/bin/python benchmarks/linear.py --rows 1 8 32 --shapes 32000x256 --repeat 5
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smoe.kernels import linear as L  # noqa: E402
 from smoe.kernels import native  # noqa: E402
-from smoe.kernels.timing import median, time_interleaved  # noqa: E402
+from smoe.kernels.timing import median, paired_ratio, time_interleaved  # noqa: E402
 
 
 def candidates(x: torch.Tensor, ws: list[torch.Tensor]) -> dict:
@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
             samples = time_interleaved({k: (lambda f=f, n=n: [f() for _ in range(n)]) for k, f in fns.items()},
                                        repeat=args.repeat)
             us = {k: median(v) / n * 1e6 for k, v in samples.items()}
-            rows.append({"out": O, "in": I, "rows": M, "us": us, "max_abs_diff": err})
-            lines.append(f"{shape:>10} {M:>5} " + " ".join(f"{us[k]:>12.1f}" for k in fns)
-                         + f" {us['F.linear'] / us['smoe']:>10.2f}x")
+            speedup = paired_ratio(samples["F.linear"], samples["smoe"])
+            rows.append({"out": O, "in": I, "rows": M, "us": us, "speedup": speedup, "max_abs_diff": err})
+            lines.append(f"{shape:>10} {M:>5} " + " ".join(f"{us[k]:>12.1f}" for k in fns) + f" {speedup:>10.2f}x")
     head = f"{'weight':>10} {'rows':>5} " + " ".join(f"{k:>12}" for k in candidates(torch.zeros(1, 1, dtype=dtype),
                                                                                      [torch.zeros(1, 1, dtype=dtype)]))
     text = "\n".join([head + f" {'F.linear/smoe':>11}  (us per product)"] + lines)

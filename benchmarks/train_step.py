@@ -4,7 +4,8 @@ One step = forward + cross-entropy + load-balancing loss (router logits out, aux
 output_router_logits=True, ours with LMObjective) + backward + AdamW step. Both models start from the same
 weights (ours saved with save_pretrained and loaded by transformers); their first-step losses are checked
 against each other before timing. Steps alternate between the two (smoe.kernels.timing.time_interleaved)
-so load from other processes hits both alike; medians are reported.
+so load from other processes hits both alike; the times are medians, the speed-up the median of the steps'
+paired ratios (smoe.kernels.timing.paired_ratio).
 
     .venv/bin/python benchmarks/train_step.py                       # quickstart and small shapes, CPU
     .venv/bin/python benchmarks/train_step.py --shapes quickstart --batch 8 --seq 256 --repeat 5
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smoe import Transformer  # noqa: E402
 from smoe.kernels.memory import keep_freed_memory  # noqa: E402
-from smoe.kernels.timing import amx_ns_per_product, median, time_interleaved  # noqa: E402
+from smoe.kernels.timing import amx_ns_per_product, median, paired_ratio, time_interleaved  # noqa: E402
 from smoe.model.config import ModelConfig, get_preset  # noqa: E402
 from smoe.train.losses import LMObjective  # noqa: E402
 from smoe.train.recipes import QUICKSTART_MODEL  # noqa: E402
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
                      "hf_experts_impl": getattr(hf.config, "_experts_implementation", None),
                      "first_loss_smoe": l_ours, "first_loss_hf": l_hf,
                      "smoe_s": t_ours, "hf_s": t_hf, "smoe_tok_s": n_tok / t_ours, "hf_tok_s": n_tok / t_hf,
-                     "speedup": t_hf / t_ours, "samples_smoe": times["smoe"], "samples_hf": times["transformers"],
+                     "speedup": paired_ratio(times["transformers"], times["smoe"]),
+                     "samples_smoe": times["smoe"], "samples_hf": times["transformers"],
                      "amx_ns_per_product": amx})
     print(f"\ntraining step (forward + CE + aux loss + backward + AdamW), batch {args.batch} x {args.seq} tokens, "
           f"{args.device}, {torch.get_num_threads()} threads, autocast {args.autocast}, malloc keeps freed memory: "

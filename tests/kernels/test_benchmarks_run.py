@@ -58,6 +58,7 @@ def test_train_step_benchmark_runs(tmp_path, capsys):
     (row,) = json.loads(out.read_text())
     assert row["smoe_tok_s"] > 0 and row["hf_tok_s"] > 0 and abs(row["first_loss_smoe"] - row["first_loss_hf"]) < 1e-2
     assert (row["amx_ns_per_product"] is None) != native.amx()
+    assert row["speedup"] == row["samples_hf"][0] / row["samples_smoe"][0]  # one round: its paired ratio
 
 
 def test_decode_benchmark_runs(tmp_path, capsys):
@@ -108,6 +109,7 @@ def test_linear_benchmark_runs(tmp_path, capsys):
     assert "F.linear/smoe" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert [r["rows"] for r in data["rows"]] == [1, 3] and max(r["max_abs_diff"] for r in data["rows"]) < 1e-4
+    assert all(r["speedup"] > 0 for r in data["rows"])
 
 
 @pytest.mark.timeout(300)
