@@ -324,7 +324,7 @@ void down_rows(const Block<W>& b, int64_t d0, int64_t d1, bool first, float* yT)
                 const int64_t u = panels.start(p), ldh = 8 * panels.width(p);
                 const float* h = b.hT + u * 8 * b.hc + k0 * ldh;
                 for (int64_t d = m0; d < m1; d += kDownRows) {
-                    Ahead<1> next{{nullptr}, int64_t((bf16 ? b.H : ldw) * sizeof(W)), int64_t(sizeof(W))};
+                    Ahead<1> next{{nullptr}, int64_t(b.H * sizeof(W)), int64_t(sizeof(W))};  // rows of w2 itself
                     if constexpr (bf16) {
                         if (p == 0 && nk0 < b.hc && nm0 + d - m0 + kDownRows <= nm1)
                             next.p[0] = b.w2 + (nm0 + d - m0) * b.H + b.h0 + nk0;
